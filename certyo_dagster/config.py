@@ -1,0 +1,143 @@
+"""What to watch: collection specs and the settings read from the environment.
+
+Everything here is plain data, parsed once, so tests can build definitions for any list of
+collections without touching the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+DEFAULT_DATABASE = "productdb"
+DEFAULT_COLLECTIONS = "products"
+DEFAULT_TIMESTAMP_FIELD = "updatedAt"
+DEFAULT_LOOKBACK_MINUTES = 5
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, with the variable and the reason."""
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """One watched MongoDB collection and the field that stamps each document version."""
+
+    database: str
+    collection: str
+    timestamp_field: str = DEFAULT_TIMESTAMP_FIELD
+
+    def __post_init__(self) -> None:
+        for what, value in (("database", self.database), ("collection", self.collection)):
+            if not _NAME.match(value or ""):
+                raise ConfigError(
+                    f"{what} name {value!r} must start with a letter or _ and contain only "
+                    "letters, digits, _ and - (it becomes part of Dagster asset keys)"
+                )
+        if not _FIELD.match(self.timestamp_field or ""):
+            raise ConfigError(
+                f"timestamp field {self.timestamp_field!r} of collection {self.collection!r} "
+                "is not a valid field path"
+            )
+
+    @property
+    def cursor_id(self) -> str:
+        """`_id` of this collection's row in `_certyo_cursors` (the reference poller's name)."""
+        return f"poll_{self.collection}"
+
+
+def parse_collections(value: str, database: str) -> list[CollectionSpec]:
+    """Parse `products,orders:modifiedAt` into specs; names must be unique."""
+    specs: list[CollectionSpec] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        name, _, ts_field = entry.partition(":")
+        specs.append(
+            CollectionSpec(database, name.strip(), ts_field.strip() or DEFAULT_TIMESTAMP_FIELD)
+        )
+    if not specs:
+        raise ConfigError("CERTYO_COLLECTIONS names no collection")
+    names = [s.collection for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"CERTYO_COLLECTIONS names {', '.join(duplicates)} more than once")
+    return specs
+
+
+def parse_partition_start(value: str | None, now: datetime | None = None) -> datetime:
+    """A UTC hour. Defaults to the start of yesterday, so a fresh install has a day of hours."""
+    if not value:
+        now = now or datetime.now(timezone.utc)
+        return (now - timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(
+            f"CERTYO_PARTITION_START={value!r} is not an ISO 8601 time such as 2026-01-01T00:00"
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    parsed = parsed.astimezone(timezone.utc)
+    if parsed.minute or parsed.second or parsed.microsecond:
+        raise ConfigError(f"CERTYO_PARTITION_START={value!r} must be on the hour")
+    return parsed
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from exc
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Settings shared by every collection's definitions."""
+
+    collections: list[CollectionSpec] = field(
+        default_factory=lambda: [CollectionSpec(DEFAULT_DATABASE, DEFAULT_COLLECTIONS)]
+    )
+    partition_start: datetime = field(default_factory=lambda: parse_partition_start(None))
+    lookback_minutes: int = DEFAULT_LOOKBACK_MINUTES
+    schedule_minute: int = 5
+    sensor_interval_seconds: int = 30
+    verify_cron: str = "*/2 * * * *"
+    tamper_audit_cron: str = "30 3 * * *"
+    demo_mode: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PipelineSettings:
+        env = os.environ if env is None else env
+        database = env.get("MONGO_DATABASE", "").strip() or DEFAULT_DATABASE
+        collections_value = (
+            env.get("CERTYO_COLLECTIONS", "").strip()
+            or env.get("MONGO_COLLECTION", "").strip()
+            or DEFAULT_COLLECTIONS
+        )
+        minute = _int(env, "CERTYO_SCHEDULE_MINUTE", 5)
+        if minute > 59:
+            raise ConfigError(f"CERTYO_SCHEDULE_MINUTE={minute} must be between 0 and 59")
+        return cls(
+            collections=parse_collections(collections_value, database),
+            partition_start=parse_partition_start(env.get("CERTYO_PARTITION_START")),
+            lookback_minutes=_int(env, "CERTYO_LOOKBACK_MINUTES", DEFAULT_LOOKBACK_MINUTES),
+            schedule_minute=minute,
+            sensor_interval_seconds=_int(env, "CERTYO_SENSOR_INTERVAL_SECONDS", 30, minimum=5),
+            verify_cron=env.get("CERTYO_VERIFY_CRON", "").strip() or "*/2 * * * *",
+            tamper_audit_cron=env.get("CERTYO_TAMPER_AUDIT_CRON", "").strip() or "30 3 * * *",
+            demo_mode=env.get("CERTYO_DEMO_MODE", "").strip().lower() in {"1", "true", "yes"},
+        )

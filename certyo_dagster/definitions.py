@@ -1,0 +1,5 @@
+"""The code location: `defs` for every collection named in the environment."""
+
+import dagster as dg
+
+defs = dg.Definitions()

@@ -1,0 +1,75 @@
+"""The source side: how the pipeline reaches MongoDB.
+
+One client per process and URI: Dagster builds resources for every run and every sensor tick,
+and a new MongoClient each time would cost a connection handshake each time (pitfall 6).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import dagster as dg
+import pymongo
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+EMBEDDED_SCHEME = "montydb://"
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any password replaced by `***`, safe for logs and errors."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable MongoDB URI>"
+    if parts.password is None and "@" not in parts.netloc:
+        return uri
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+
+
+def open_client(uri: str) -> Any:
+    """A MongoClient-compatible client for `uri`, shared by everything in this process."""
+    with _clients_lock:
+        client = _clients.get(uri)
+        if client is None:
+            if uri.startswith(EMBEDDED_SCHEME):
+                from certyo_dagster.embedded import open_embedded_client
+
+                client = open_embedded_client(uri)
+            else:
+                client = pymongo.MongoClient(uri, tz_aware=False, connect=False, appname="certyo")
+            _clients[uri] = client
+        return client
+
+
+def close_all_clients() -> None:
+    """Close every cached client (tests and process shutdown)."""
+    with _clients_lock:
+        for client in _clients.values():
+            client.close()
+        _clients.clear()
+
+
+class MongoResource(dg.ConfigurableResource):
+    """The watched MongoDB deployment. `uri` comes from `EnvVar("MONGO_URI")`."""
+
+    uri: str
+    database: str = "productdb"
+
+    def get_client(self) -> Any:
+        return open_client(self.uri)
+
+    def get_database(self) -> Any:
+        return self.get_client()[self.database]
+
+    def get_collection(self, name: str) -> Any:
+        return self.get_database()[name]
+
+    @property
+    def display_uri(self) -> str:
+        return redact_uri(self.uri)
