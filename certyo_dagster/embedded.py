@@ -1,0 +1,367 @@
+"""The embedded store for demo mode: montydb on SQLite, shared by every Dagster process.
+
+`MONGO_URI=montydb:///abs/path` (or `montydb://relative/path`) opens a directory of SQLite
+files (one per collection) that the webserver, the daemon, each run's subprocess and
+`certyo-demo churn` all read and write. It exists so `make run` needs no MongoDB server. It is
+not MongoDB, and nothing outside demo mode should use it.
+
+What the pipeline relies on, checked on montydb 2.5 and mongomock by tests/test_embedded.py:
+
+Works as on MongoDB
+- `find(filter, sort=[(ts, 1), ("_id", 1)], limit=n)` with the keyset filter
+  `{"$and": [{ts: {"$gte": start, "$lt": end}},
+             {"$or": [{ts: {"$gt": t}}, {ts: t, "_id": {"$gt": id}}]}]}`,
+  including ties on `ts` across page boundaries; `batch_size` is accepted and ignored.
+- `find_one(filter, sort=...)`, `count_documents(filter)`.
+- `update_one({"_id": id, ts: t}, {"$set": ...})` (the conditional write-back: no match when
+  the document changed since it was read), `update_one(..., upsert=True)`, `insert_one`
+  (DuplicateKeyError on an existing `_id`, as on MongoDB).
+- Round trips of naive UTC datetimes (truncated to milliseconds, as BSON does), Decimal128,
+  Binary (UUIDs are stored as `Binary` subtype 4: pass `Binary.from_uuid(u)`, as pymongo
+  requires without a `uuidRepresentation`), Int64, ObjectId and nested arrays of documents.
+
+Differs, and how this module covers it
+- `bulk_write` is not implemented by montydb (NotImplementedError). `EmbeddedCollection`
+  applies `UpdateOne`/`UpdateMany`/`InsertOne`/`ReplaceOne`/`DeleteOne`/`DeleteMany` one by
+  one under the store's write lock and returns a pymongo `BulkWriteResult`. Unlike MongoDB,
+  an error stops the batch without a BulkWriteError listing per-operation errors.
+- montydb updates are read-modify-write in Python: a writer in another process could slip in
+  between the read and the write and be overwritten. Every write here takes an exclusive
+  `flock` on `<path>/.certyo-write.lock`, so writes through this module are serialised across
+  processes and the conditional write-back stays correct while churn edits documents.
+- montydb's SQLite engine keeps its current connection on a shared attribute, so two threads
+  could close each other's connection. The engine is replaced by one that opens a private
+  connection per call.
+- `create_index` is a no-op: every query is a full scan of the collection in Python. That is
+  fine for a demo catalog of a few thousand documents and hopeless for production volumes.
+- No change streams, no transactions, no aggregation pipeline beyond montydb's basics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pymongo.errors
+from pymongo.errors import DuplicateKeyError
+from pymongo.results import BulkWriteResult
+
+EMBEDDED_SCHEME = "montydb://"
+_LOCK_FILE = ".certyo-write.lock"
+_SQLITE_TIMEOUT_SECONDS = 30.0
+
+
+class EmbeddedStoreError(ValueError):
+    """A `MONGO_URI` with the montydb scheme that cannot be opened."""
+
+
+def embedded_path(uri: str) -> Path:
+    """The directory a `montydb://` URI names: `montydb:///abs` or `montydb://relative`."""
+    if not uri.startswith(EMBEDDED_SCHEME):
+        raise EmbeddedStoreError(
+            f"MONGO_URI must start with {EMBEDDED_SCHEME} for the embedded store"
+        )
+    raw = uri[len(EMBEDDED_SCHEME) :]
+    if not raw or raw == ":memory:" or "?" in raw:
+        raise EmbeddedStoreError(
+            "MONGO_URI=montydb://... must name a directory, e.g. montydb:///tmp/certyo-demo "
+            "(in-memory stores and query options are not supported: every Dagster process "
+            "must share the same files)"
+        )
+    return Path(raw).resolve()
+
+
+def _engine_class() -> type:
+    from montydb.storage.sqlite import SQLiteKVEngine
+
+    class PerCallConnectionEngine(SQLiteKVEngine):
+        """montydb's engine, minus the connection kept on `self` that threads would share."""
+
+        def __init__(self, config: Mapping[str, Any]) -> None:
+            super().__init__(config)
+            self._journal_mode = config.get("journal_mode", "WAL")
+
+        def _connect(self, db_file: str, wconcern: Any = None) -> Any:
+            conn = sqlite3.connect(
+                db_file, timeout=_SQLITE_TIMEOUT_SECONDS, check_same_thread=False
+            )
+            conn.text_factory = str
+            conn.executescript(
+                f"PRAGMA journal_mode={self._journal_mode};PRAGMA synchronous=NORMAL;"
+                f"PRAGMA busy_timeout={int(_SQLITE_TIMEOUT_SECONDS * 1000)}"
+            )
+            return contextlib.closing(conn)
+
+    return PerCallConnectionEngine
+
+
+class _WriteLock:
+    """Exclusive across processes (flock on a file) and across threads (an RLock)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._depth == 0:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    os.close(self._fd)
+                    self._fd = None
+
+
+@contextlib.contextmanager
+def pymongo_errors() -> Iterator[None]:
+    """Re-raise montydb's errors as pymongo's, so `except DuplicateKeyError` works on both."""
+    from montydb import errors as monty
+    from montydb.storage import StorageDuplicateKeyError
+
+    try:
+        yield
+    except monty.DuplicateKeyError as exc:
+        raise DuplicateKeyError(str(exc), 11000, exc.details) from exc
+    except StorageDuplicateKeyError as exc:  # an upsert that lost the race to insert
+        raise DuplicateKeyError("E11000 duplicate key error (upsert)", 11000) from exc
+    except monty.BulkWriteError as exc:
+        raise pymongo.errors.BulkWriteError(exc.details) from exc
+    except monty.WriteError as exc:
+        raise pymongo.errors.WriteError(str(exc), exc.code, exc.details) from exc
+    except monty.OperationFailure as exc:
+        raise pymongo.errors.OperationFailure(str(exc), exc.code, exc.details) from exc
+
+
+class EmbeddedCollection:
+    """A montydb collection whose writes are serialised and which has `bulk_write`."""
+
+    def __init__(self, collection: Any, lock: _WriteLock) -> None:
+        self._collection = collection
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._lock.held(), pymongo_errors():
+            yield
+
+    def __repr__(self) -> str:
+        return f"EmbeddedCollection({self._collection.full_name!r})"
+
+    @property
+    def name(self) -> str:
+        return self._collection.name
+
+    def find(self, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:
+        # montydb reads everything per query anyway; batch_size has nothing to tune.
+        return self._collection.find(*args, **kwargs)
+
+    def find_one(self, *args: Any, **kwargs: Any) -> Any:
+        with pymongo_errors():
+            return self._collection.find_one(*args, **kwargs)
+
+    def count_documents(self, filter: Any, **kwargs: Any) -> int:
+        with pymongo_errors():
+            return self._collection.count_documents(filter, **kwargs)
+
+    def create_index(self, keys: Any, **kwargs: Any) -> str:
+        """No-op (montydb has no indexes); returns the name MongoDB would give the index."""
+        if isinstance(keys, str):
+            keys = [(keys, pymongo.ASCENDING)]
+        return kwargs.get("name") or "_".join(f"{field}_{direction}" for field, direction in keys)
+
+    def create_indexes(self, indexes: Sequence[Any]) -> list[str]:
+        return [index.document["name"] for index in indexes]
+
+    def insert_one(self, document: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.insert_one(document, *args, **kwargs)
+
+    def insert_many(self, documents: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.insert_many(documents, *args, **kwargs)
+
+    def update_one(self, filter: Any, update: Any, upsert: bool = False, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.update_one(filter, update, upsert=upsert, **kwargs)
+
+    def update_many(self, filter: Any, update: Any, upsert: bool = False, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.update_many(filter, update, upsert=upsert, **kwargs)
+
+    def replace_one(
+        self, filter: Any, replacement: Any, upsert: bool = False, **kwargs: Any
+    ) -> Any:
+        with self._writing():
+            return self._collection.replace_one(filter, replacement, upsert=upsert, **kwargs)
+
+    def delete_one(self, filter: Any, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.delete_one(filter)
+
+    def delete_many(self, filter: Any, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.delete_many(filter)
+
+    def find_one_and_update(self, filter: Any, update: Any, **kwargs: Any) -> Any:
+        with self._writing():
+            return self._collection.find_one_and_update(filter, update, **kwargs)
+
+    def bulk_write(self, requests: Sequence[Any], ordered: bool = True, **kwargs: Any) -> Any:
+        """pymongo's `bulk_write`, applied one operation at a time under the write lock."""
+        counts = {"nInserted": 0, "nMatched": 0, "nModified": 0, "nRemoved": 0, "nUpserted": 0}
+        upserted: list[dict[str, Any]] = []
+        with self._writing():
+            for index, request in enumerate(requests):
+                doc = getattr(request, "_doc", None)
+                flt = getattr(request, "_filter", None)
+                upsert = bool(getattr(request, "_upsert", False))
+                if isinstance(request, pymongo.InsertOne):
+                    self._collection.insert_one(doc)
+                    counts["nInserted"] += 1
+                    continue
+                if isinstance(request, pymongo.UpdateOne):
+                    result = self._collection.update_one(flt, doc, upsert=upsert)
+                elif isinstance(request, pymongo.UpdateMany):
+                    result = self._collection.update_many(flt, doc, upsert=upsert)
+                elif isinstance(request, pymongo.ReplaceOne):
+                    result = self._collection.replace_one(flt, doc, upsert=upsert)
+                elif isinstance(request, pymongo.DeleteOne):
+                    counts["nRemoved"] += self._collection.delete_one(flt).deleted_count
+                    continue
+                elif isinstance(request, pymongo.DeleteMany):
+                    counts["nRemoved"] += self._collection.delete_many(flt).deleted_count
+                    continue
+                else:
+                    raise TypeError(f"bulk_write operation {index} is not supported: {request!r}")
+                if result.upserted_id is not None:
+                    counts["nUpserted"] += 1
+                    upserted.append({"index": index, "_id": result.upserted_id})
+                else:
+                    counts["nMatched"] += result.matched_count
+                    counts["nModified"] += result.modified_count
+        raw = {**counts, "upserted": upserted, "writeErrors": [], "writeConcernErrors": []}
+        return BulkWriteResult(raw, True)
+
+
+class EmbeddedDatabase:
+    """A montydb database that hands out `EmbeddedCollection`s."""
+
+    def __init__(self, database: Any, lock: _WriteLock) -> None:
+        self._database = database
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.get_collection(name)
+
+    def __getitem__(self, name: str) -> EmbeddedCollection:
+        return self.get_collection(name)
+
+    def __repr__(self) -> str:
+        return f"EmbeddedDatabase({self._database.name!r})"
+
+    @property
+    def name(self) -> str:
+        return self._database.name
+
+    def get_collection(self, name: str, **_: Any) -> EmbeddedCollection:
+        return EmbeddedCollection(self._database[name], self._lock)
+
+    def list_collection_names(self) -> list[str]:
+        return list(self._database.list_collection_names())
+
+    def drop_collection(self, name: str) -> None:
+        with self._lock.held():
+            self._database.drop_collection(name)
+
+
+class EmbeddedClient:
+    """The part of `pymongo.MongoClient` the pipeline uses, backed by montydb files."""
+
+    def __init__(self, client: Any, path: Path, lock: _WriteLock) -> None:
+        self._client = client
+        self._lock = lock
+        self.path = path
+
+    def __getitem__(self, name: str) -> EmbeddedDatabase:
+        return self.get_database(name)
+
+    def __repr__(self) -> str:
+        return f"EmbeddedClient({str(self.path)!r})"
+
+    def get_database(self, name: str, **_: Any) -> EmbeddedDatabase:
+        return EmbeddedDatabase(self._client[name], self._lock)
+
+    def list_database_names(self) -> list[str]:
+        return list(self._client.list_database_names())
+
+    def drop_database(self, name: str) -> None:
+        with self._lock.held():
+            self._client.drop_database(name)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_embedded_client(uri: str) -> EmbeddedClient:
+    """A client on the montydb SQLite store named by `uri`, created on first use."""
+    from montydb import MontyClient, set_storage
+
+    path = embedded_path(uri)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = _WriteLock(path / _LOCK_FILE)
+    marker = path / ".monty.storage"
+    with lock.held():
+        if not marker.exists():
+            set_storage(str(path), storage="sqlite", use_bson=True)
+        storage = marker.read_text().strip()
+        if storage != "sqlite":
+            raise EmbeddedStoreError(
+                f"the montydb store at {path} uses the {storage!r} engine; "
+                "certyo_dagster needs 'sqlite' (delete the directory to start over)"
+            )
+        client = MontyClient(str(path))
+    client._storage._conn = _engine_class()(client._storage._config)
+    return EmbeddedClient(client, path, lock)
+
+
+def upsert_with_retry(
+    collection: Any, filter: Mapping[str, Any], update: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """`update_one(filter, update, upsert=True)` that survives a concurrent upsert; returns
+    the document as stored afterwards.
+
+    Two processes upserting the same new `_id` race to insert it and the loser gets
+    DuplicateKeyError, on MongoDB as here. The document exists by then, so one retry updates
+    it. If the retry collides too (the stored document has the `_id` but fails the rest of the
+    filter), the other writer won: the stored document is re-read and returned as it is.
+    """
+    for attempt in range(2):
+        try:
+            collection.update_one(dict(filter), dict(update), upsert=True)
+            break
+        except DuplicateKeyError:
+            if attempt == 1:
+                break
+    key = {"_id": filter["_id"]} if "_id" in filter else dict(filter)
+    return collection.find_one(key)
