@@ -1,5 +1,6 @@
 """The code location: `defs` for every collection named in the environment."""
 
-import dagster as dg
+from certyo_dagster.config import PipelineSettings
+from certyo_dagster.defs import build_definitions
 
-defs = dg.Definitions()
+defs = build_definitions(PipelineSettings.from_env())

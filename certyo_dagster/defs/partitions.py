@@ -1,0 +1,19 @@
+"""Hourly UTC partitions, including the hour in progress."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from certyo_dagster.config import PipelineSettings
+from certyo_dagster.extract import HOUR_FORMAT
+
+
+def hourly_partitions(settings: PipelineSettings) -> dg.HourlyPartitionsDefinition:
+    # end_offset=1 makes the hour in progress a partition, so the sensor can request a run
+    # for a change made a minute ago; that partition is re-materialized as changes arrive.
+    return dg.HourlyPartitionsDefinition(
+        start_date=settings.partition_start.strftime(HOUR_FORMAT),
+        timezone="UTC",
+        end_offset=1,
+        fmt=HOUR_FORMAT,
+    )

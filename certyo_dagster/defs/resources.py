@@ -1,0 +1,29 @@
+"""The `mongo` and `certyo` resources, configured from the environment through EnvVar."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from certyo_dagster.certyo.resource import CertyoResource
+from certyo_dagster.config import PipelineSettings
+from certyo_dagster.source import MongoResource
+
+SANDBOX_BASE_URL = "http://127.0.0.1:8080"
+SANDBOX_TENANT_ID = "sandbox-tenant"
+
+
+def default_resources(settings: PipelineSettings) -> dict[str, Any]:
+    database = settings.collections[0].database
+    return {
+        "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database=database),
+        "certyo": CertyoResource(
+            base_url=os.environ.get("CERTYO_BASE_URL", "").strip() or SANDBOX_BASE_URL,
+            api_key=dg.EnvVar("CERTYO_API_KEY"),
+            tenant_id=os.environ.get("CERTYO_TENANT_ID", "").strip() or SANDBOX_TENANT_ID,
+            allow_insecure_http=os.environ.get("CERTYO_ALLOW_INSECURE_HTTP", "").strip().lower()
+            in {"1", "true", "yes"},
+        ),
+    }

@@ -1,0 +1,97 @@
+"""The change sensor: request an ingestion run for each hour that holds unhandled versions."""
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dagster as dg
+from bson import json_util
+
+from certyo_dagster.config import CollectionSpec, PipelineSettings
+from certyo_dagster.extract import (
+    decode_position,
+    encode_position,
+    read_cursor_mirror,
+    scan_changes,
+    write_cursor_mirror,
+)
+from certyo_dagster.ingest import is_acknowledged
+from certyo_dagster.sanitize import version_ms
+from certyo_dagster.source import MongoResource
+
+MAX_DOCUMENTS_PER_TICK = 20_000
+
+
+def build_change_sensor(
+    spec: CollectionSpec,
+    settings: PipelineSettings,
+    job: Any,
+    max_documents_per_tick: int = MAX_DOCUMENTS_PER_TICK,
+) -> dg.SensorDefinition:
+    lookback = timedelta(minutes=settings.lookback_minutes)
+
+    @dg.sensor(
+        name=f"{spec.collection}_change_sensor",
+        job=job,
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        default_status=(
+            dg.DefaultSensorStatus.RUNNING if settings.demo_mode else dg.DefaultSensorStatus.STOPPED
+        ),
+        description=f"Every {settings.sensor_interval_seconds}s, find versions of "
+        f"{spec.database}.{spec.collection} not yet acknowledged by Certyo (re-reading "
+        f"{settings.lookback_minutes} min of lookback) and request one run per affected hour. "
+        "The cursor is (lastSyncAt, lastId), mirrored in _certyo_cursors.",
+    )
+    def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
+        database = mongo.get_database()
+        mirror = read_cursor_mirror(database, spec)
+        position = decode_position(context.cursor) or mirror.position
+        now = datetime.now(timezone.utc)
+        # The newest partition is the hour in progress; nothing later can be requested.
+        latest = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+        def handled(doc: dict, ts: Any) -> bool:
+            # A non-date timestamp can never be shipped; it is counted by an asset check.
+            if not isinstance(ts, datetime):
+                return True
+            return is_acknowledged(doc, version_ms(ts), ts, mirror.handoff_before)
+
+        scan = scan_changes(
+            database[spec.collection],
+            spec,
+            position,
+            lookback=lookback,
+            earliest=settings.partition_start,
+            latest=latest,
+            max_documents=max_documents_per_tick,
+            is_handled=handled,
+        )
+        cursor = encode_position(scan.position)
+        if scan.position is not None:
+            write_cursor_mirror(database, spec, scan.position)
+        run_requests = [
+            dg.RunRequest(
+                # The newest unhandled version names the run: a tick that finds the same
+                # versions requests nothing new; a newer change requests a new run.
+                run_key=f"{pk}:{json_util.dumps(newest.ts)}:{json_util.dumps(newest.doc_id)}",
+                partition_key=pk,
+                tags={"certyo/trigger": "sensor", "certyo/unhandled_versions": str(count)},
+            )
+            for pk, (count, newest) in sorted(scan.partitions.items())
+        ]
+        if not run_requests:
+            since = scan.position.ts.isoformat() if scan.position else "the partition start"
+            return dg.SensorResult(
+                skip_reason=dg.SkipReason(
+                    f"no unacknowledged versions since {since} UTC "
+                    f"({scan.scanned} versions re-read in the lookback)"
+                ),
+                cursor=cursor,
+            )
+        context.log.info(
+            f"{sum(c for c, _ in scan.partitions.values())} unacknowledged versions in "
+            f"{len(run_requests)} hour(s); scanned {scan.scanned}"
+            + (" (tick limit reached, continuing next tick)" if scan.truncated else "")
+        )
+        return dg.SensorResult(run_requests=run_requests, cursor=cursor)
+
+    return change_sensor
