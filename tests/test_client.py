@@ -259,3 +259,20 @@ def test_errors_survive_pickling():
     copy = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
     assert type(copy) is CertyoIdempotencyConflictError
     assert (copy.status_code, copy.errors, str(copy)) == (422, error.errors, str(error))
+
+
+def test_a_server_message_echoing_the_key_is_scrubbed():
+    import requests
+
+    response = requests.Response()
+    response.status_code = 401
+    response._content = (
+        b'{"error":"unauthorized","message":"unknown key ' + KEY.encode() + b'",'
+        b'"errors":[{"field":"X-API-Key","message":"' + KEY.encode() + b' revoked"}]}'
+    )
+    client = CertyoClient("https://certyos.com", KEY, "tenant-a")
+    error = client._error_for("POST", "/api/v1/records", response)
+    client.close()
+    assert isinstance(error, CertyoAuthError)
+    assert "unknown key ***" in str(error)
+    assert KEY not in str(error) and KEY not in repr(error.errors)

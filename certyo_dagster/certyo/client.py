@@ -512,20 +512,22 @@ def error_for_status(
         detail += f": {server_message}"
     if field_errors:
         detail += f" ({describe_field_errors(field_errors)})"
-    context = {"status_code": status, "method": method, "path": path, "error_code": error_code}
+    context = {
+        "status_code": status,
+        "method": method,
+        "path": path,
+        "error_code": error_code,
+        "errors": field_errors,
+    }
     if status in (401, 403):
         return CertyoAuthError(
             f"{method} {path} was refused: {detail}; check CERTYO_API_KEY and CERTYO_TENANT_ID",
             **context,
         )
     if status == 422 and "idempotency" in (error_code or "").lower():
-        return CertyoIdempotencyConflictError(
-            f"{method} {path} was rejected: {detail}", errors=field_errors, **context
-        )
+        return CertyoIdempotencyConflictError(f"{method} {path} was rejected: {detail}", **context)
     if status in (400, 413, 422):
-        return CertyoValidationError(
-            f"{method} {path} was rejected: {detail}", errors=field_errors, **context
-        )
+        return CertyoValidationError(f"{method} {path} was rejected: {detail}", **context)
     if status == 404:
         return CertyoNotFoundError(f"{method} {path} found nothing: {detail}", **context)
     if status == 429:

@@ -15,7 +15,11 @@ _MAX_LISTED_ERRORS = 10
 
 
 class CertyoError(Exception):
-    """Any failure talking to Certyo. `status_code` is None when no response arrived."""
+    """Any failure talking to Certyo. `status_code` is None when no response arrived.
+
+    `errors` holds the server's per-field messages as dicts with `field`, `message` and, for
+    bulk requests, the `index` of the offending record.
+    """
 
     def __init__(
         self,
@@ -25,6 +29,7 @@ class CertyoError(Exception):
         method: str | None = None,
         path: str | None = None,
         error_code: str | None = None,
+        errors: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -32,6 +37,7 @@ class CertyoError(Exception):
         self.method = method
         self.path = path
         self.error_code = error_code
+        self.errors: list[dict[str, Any]] = [dict(e) for e in errors]
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only attributes survive pickling (Dagster's multiprocess executor).
@@ -45,24 +51,8 @@ class CertyoAuthError(CertyoError):
 class CertyoValidationError(CertyoError):
     """400/413/422: the request itself is wrong; retrying the same body cannot succeed.
 
-    `errors` holds the server's per-field messages as dicts with `field`, `message` and, for
-    bulk requests, the `index` of the offending record.
+    `errors` names each bad field, with the record's `index` for bulk calls.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        errors: Sequence[Mapping[str, Any]] = (),
-        status_code: int | None = None,
-        method: str | None = None,
-        path: str | None = None,
-        error_code: str | None = None,
-    ) -> None:
-        super().__init__(
-            message, status_code=status_code, method=method, path=path, error_code=error_code
-        )
-        self.errors: list[dict[str, Any]] = [dict(e) for e in errors]
 
 
 class CertyoIdempotencyConflictError(CertyoValidationError):
