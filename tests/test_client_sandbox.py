@@ -146,8 +146,8 @@ def test_connection_dropped_before_processing_is_retried(sandbox, make_client):
 
 
 def test_read_timeout_is_retried_and_the_retry_is_a_replay(sandbox, make_client):
-    sandbox.script_faults([{"action": "delay", "seconds": 1.0, "path": SINGLE}])
-    receipt = make_client(read_timeout=0.3).ingest_record(records(1)[0])
+    sandbox.script_faults([{"action": "delay", "seconds": 1.5, "path": SINGLE}])
+    receipt = make_client(read_timeout=0.5).ingest_record(records(1)[0])
     assert receipt["idempotencyReplayed"] is True
     assert sandbox.stats()["records_stored"] == 1
 
@@ -332,3 +332,13 @@ def test_query_records_follows_cursors_across_pages(sandbox, make_client):
 def test_query_page_size_is_checked(make_client):
     with pytest.raises(ValueError, match="page_size"):
         next(make_client().query_records(page_size=1001))
+
+
+def test_requests_reuse_one_kept_alive_connection(make_client, caplog):
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    client = make_client()
+    client.ingest(records(5))
+    client.post_bulk(records(20, start=10))
+    list(client.query_records())
+    assert caplog.text.count("Starting new HTTP connection") == 1
+    assert caplog.text.count("POST /api/v1/records HTTP/1.1") == 5
