@@ -47,28 +47,37 @@ def _orjson_is_canonical(payload: Any) -> bool:
     the short forms for \\b \\t \\n \\f \\r and lowercase \\u00xx otherwise.
     """
     stack = [payload]
-    pop, push, extend = stack.pop, stack.append, stack.extend
+    push = stack.append
     budget = _MAX_FAST_NODES  # a self-containing list would otherwise never end
     while stack:
-        budget -= 1
+        container = stack.pop()
+        kind = type(container)
+        if kind is dict:
+            try:
+                keys = "".join(container)
+            except TypeError:  # a key that is not a string
+                return False
+            if not keys.isascii() and max(keys) >= _UTF16_SAFE_LIMIT:
+                return False
+            items = container.values()
+        elif kind is list:
+            items = container
+        else:
+            items = (container,)
+        budget -= len(items)
         if budget < 0:
             return False
-        value = pop()
-        kind = type(value)
-        if kind is str or kind is bool or value is None:
-            continue
-        if kind is int:
-            if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+        for item in items:
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
                 continue
-            return False
-        if kind is dict:
-            for key, item in value.items():
-                if type(key) is not str or not (key.isascii() or max(key) < _UTF16_SAFE_LIMIT):
-                    return False
+            if kind is int:
+                if -_MAX_SAFE_INT <= item <= _MAX_SAFE_INT:
+                    continue
+                return False
+            if (kind is dict or kind is list) and item is not container:
                 push(item)
-        elif kind is list:
-            extend(value)
-        else:
+                continue
             return False
     return True
 

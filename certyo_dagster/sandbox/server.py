@@ -203,6 +203,10 @@ class SandboxProcess(_SandboxControls):
             raise
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def _read_announced_port(self) -> int:
         assert self._process is not None and self._process.stdout is not None
         line = self._process.stdout.readline()
