@@ -299,3 +299,26 @@ def test_processes_sharing_the_store_do_not_overwrite_each_other(tmp_path: Path)
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert open_embedded_client(uri)["productdb"]["counters"].find_one({"_id": "c"})["n"] == 120
+
+
+def test_updates_by_id_read_one_row_instead_of_the_collection(tmp_path: Path, monkeypatch) -> None:
+    """Write-back of a partition is one update per document; a scan each would take minutes."""
+    client = open_embedded_client(f"montydb://{tmp_path}/m")
+    products = client["productdb"]["products"]
+    products.insert_many([{"_id": ObjectId(), TS: T0, "n": i} for i in range(50)])
+    products.insert_one({"_id": 7, TS: T0})  # numeric _id: int and Int64 must still match
+    target = products.find_one({"n": 17})
+    engine = type(client._client._storage._conn)
+
+    def no_scan(*_: Any) -> Any:
+        raise AssertionError("full collection scan")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "read_all", no_scan)
+        assert products.update_one({"_id": target["_id"], TS: T0}, {"$set": {"x": 1}}).matched_count
+        assert products.find_one({"_id": target["_id"]})["x"] == 1
+        assert products.count_documents({"_id": target["_id"], TS: T0 + timedelta(1)}) == 0
+        assert products.find_one({"_id": ObjectId()}) is None
+    assert products.update_one({"_id": Int64(7)}, {"$set": {"x": 2}}).matched_count == 1
+    assert products.find_one({"_id": 7})["x"] == 2
+    assert client["productdb"].list_collection_names() == ["products"]
