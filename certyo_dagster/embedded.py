@@ -11,7 +11,11 @@ Works as on MongoDB
 - `find(filter, sort=[(ts, 1), ("_id", 1)], limit=n)` with the keyset filter
   `{"$and": [{ts: {"$gte": start, "$lt": end}},
              {"$or": [{ts: {"$gt": t}}, {ts: t, "_id": {"$gt": id}}]}]}`,
-  including ties on `ts` across page boundaries; `batch_size` is accepted and ignored.
+  including ties on `ts` across page boundaries; `batch_size` (keyword or cursor method) is
+  accepted and ignored (montydb's cursor gets a no-op `batch_size`); the `$type` clauses of
+  `after_key_filter`/`after_id_filter` (montydb rejects the alias "symbol", which is added to
+  its table: no stored value has that type); `{ts: None}`
+  matching missing fields; `$setOnInsert` and `$inc` in upserts.
 - `find_one(filter, sort=...)`, `count_documents(filter)`.
 - `update_one({"_id": id, ts: t}, {"$set": ...})` (the conditional write-back: no match when
   the document changed since it was read), `update_one(..., upsert=True)`, `insert_one`
@@ -114,15 +118,24 @@ _only_key = threading.local()
 _KEYED_ID_TYPES = (ObjectId, str)
 
 
-def _install_keyed_cursor() -> None:
-    """Make montydb read one row, not the whole collection, when the filter pins `_id`.
+def _patch_montydb() -> None:
+    """Give montydb's cursor pymongo's `batch_size` (a no-op here: every query reads everything),
+    and make it read one row, not the whole collection, when the filter pins `_id`.
 
     montydb answers every query by decoding every document of the collection; for an update
     by `_id` that costs ~100 ms on 3,000 products, so writing back a partition took minutes.
     The filter is still applied to the row read, so results are the same as with a full scan.
     """
+    from montydb.cursor import MontyCursor
+    from montydb.engine import queries
     from montydb.storage.sqlite import SQLiteCollection, SQLiteCursor
 
+    if not hasattr(MontyCursor, "batch_size"):
+        MontyCursor.batch_size = lambda self, _size: self
+    # montydb rejects the deprecated alias "symbol" that keyset filters list among the types
+    # sorting after numbers; pymongo decodes symbols as str, so no stored value has type 14.
+    queries.BSON_TYPE_ALIAS_ID.setdefault("symbol", 14)
+    queries._BSON_TYPE_ID = tuple(queries.BSON_TYPE_ALIAS_ID.values())
     if getattr(SQLiteCollection.contractor_cls, "reads_one_key", False):
         return
 
@@ -224,7 +237,8 @@ class EmbeddedCollection:
 
     def find(self, *args: Any, batch_size: int | None = None, **kwargs: Any) -> Any:
         # montydb reads everything per query anyway; batch_size has nothing to tune.
-        return self._collection.find(*args, **kwargs)
+        with pymongo_errors():
+            return self._collection.find(*args, **kwargs)
 
     def find_one(self, filter: Any = None, *args: Any, **kwargs: Any) -> Any:
         with pymongo_errors(), self._keyed(filter):
@@ -400,7 +414,7 @@ def open_embedded_client(uri: str) -> EmbeddedClient:
             )
         client = MontyClient(str(path))
     client._storage._conn = _engine_class()(client._storage._config)
-    _install_keyed_cursor()
+    _patch_montydb()
     return EmbeddedClient(client, path, lock)
 
 
