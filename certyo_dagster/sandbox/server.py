@@ -157,6 +157,12 @@ class SandboxServer(_SandboxControls):
         return f"SandboxServer(base_url={self.base_url!r}, config={self.config!r})"
 
 
+def _drain(stream: Any) -> None:
+    with contextlib.suppress(ValueError, OSError):
+        for _ in stream:
+            pass
+
+
 def config_to_args(config: SandboxConfig, *, port: int = 0) -> list[str]:
     """CLI arguments equivalent to `config` (API keys excluded: they go by environment)."""
     args = [
@@ -212,6 +218,10 @@ class SandboxProcess(_SandboxControls):
         line = self._process.stdout.readline()
         if not line.startswith("certyo-sandbox port "):
             raise RuntimeError(f"certyo-sandbox failed to start (said {line.strip()!r})")
+        # Keep reading stdout (e.g. an access log) so a full pipe never blocks the child.
+        threading.Thread(
+            target=_drain, args=(self._process.stdout,), name="certyo-sandbox-stdout", daemon=True
+        ).start()
         return int(line.split()[-1])
 
     def _wait_healthy(self) -> None:
