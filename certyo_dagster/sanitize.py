@@ -89,7 +89,7 @@ class PoisonDocumentError(ValueError):
     """A document that cannot become a Certyo record.
 
     `.reason` is a short code for metrics and dead-letter rows (unsupported_type,
-    invalid_unicode, too_deep, too_large, out_of_range, bad_key, missing_id,
+    invalid_unicode, too_deep, too_large, bad_key, missing_id,
     missing_timestamp, bad_timestamp); `.path` names the field (`items[2].price`, or "" for
     the whole document); `.record_id` is set once the document's recordId is known.
     The message never contains field values, which may be personal data.
@@ -414,10 +414,6 @@ def _in_member(name: str, convert: Any, *args: Any) -> Any:
         raise
 
 
-def _datetime(value: datetime, budget: int) -> str:
-    return iso_utc(value)
-
-
 _BY_TYPE: dict[type, Any] = {
     str: lambda v, b: _text(v),
     int: lambda v, b: _int(v),
@@ -428,7 +424,7 @@ _BY_TYPE: dict[type, Any] = {
     list: lambda v, b: _array(v, b - 1),
     tuple: lambda v, b: _array(v, b - 1),
     SON: lambda v, b: _object(v, b - 1),
-    datetime: _datetime,
+    datetime: lambda v, b: iso_utc(v),
     ObjectId: lambda v, b: str(v),
     Int64: lambda v, b: _int(v),
     Decimal128: lambda v, b: _decimal128(v),
