@@ -35,17 +35,25 @@ CREATE TABLE IF NOT EXISTS records (
     record_id TEXT NOT NULL,
     record_version TEXT NOT NULL,
     record_hash TEXT NOT NULL,
-    accepted_ts REAL NOT NULL,
     accepted_at TEXT NOT NULL,
-    body BLOB NOT NULL,
-    batch_id INTEGER,
-    leaf_index INTEGER,
-    audit_path BLOB
+    body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_id
     ON records (tenant, database, collection, record_id, seq);
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records (tenant, seq);
-CREATE INDEX IF NOT EXISTS records_pending ON records (seq) WHERE batch_id IS NULL;
+-- Accepted records not yet in a batch. Kept apart from `records` so that flushing never
+-- rewrites the large record rows.
+CREATE TABLE IF NOT EXISTS pending (
+    seq INTEGER PRIMARY KEY,
+    record_hash TEXT NOT NULL,
+    accepted_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leaves (
+    seq INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL,
+    leaf_index INTEGER NOT NULL,
+    audit_path BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batches (
     batch_id INTEGER PRIMARY KEY,
     merkle_root BLOB NOT NULL,
@@ -116,9 +124,13 @@ class SandboxStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self.pending_records, self.oldest_pending_ts = self._db.execute(
-            "SELECT COUNT(*), MIN(accepted_ts) FROM records WHERE batch_id IS NULL"
+            "SELECT COUNT(*), MIN(accepted_ts) FROM pending"
         ).fetchone()
-        self.records_stored = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        self.records_stored, last_seq = self._db.execute(
+            "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM records"
+        ).fetchone()
+        # Sequence numbers are assigned here (one writer), so a bulk insert knows its rows.
+        self._next_seq = last_seq + 1
         self.batches_anchored = self._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
 
     def close(self) -> None:
@@ -138,6 +150,8 @@ class SandboxStore:
         known = self._known_keys(tenant, {r.idempotency_key for r in records} - {None})
         results: list[dict[str, Any]] = []
         new_rows: list[tuple[Any, ...]] = []
+        new_pending: list[tuple[Any, ...]] = []
+        seq = self._next_seq
         new_keys: list[tuple[Any, ...]] = []
         conflicts: list[FieldError] = []
         replayed = 0
@@ -168,19 +182,21 @@ class SandboxStore:
             if key is not None:
                 known[key] = (record.fingerprint, response)
                 new_keys.append((tenant, key, record.fingerprint, orjson.dumps(response), now))
+            new_pending.append((seq, record.record_hash, now))
             new_rows.append(
                 (
+                    seq,
                     tenant,
                     fields["database"],
                     fields["collection"],
                     fields["recordId"],
                     fields["recordVersion"],
                     record.record_hash,
-                    now,
                     accepted_at,
                     orjson.dumps(fields),
                 )
             )
+            seq += 1
             results.append({**response, "idempotencyReplayed": False})
         if conflicts:
             where = ", ".join(str(e.index) for e in conflicts if e.index is not None)
@@ -194,16 +210,18 @@ class SandboxStore:
         if new_rows:
             with self._transaction():
                 self._db.executemany(
-                    "INSERT INTO records (tenant, database, collection, record_id,"
-                    " record_version, record_hash, accepted_ts, accepted_at, body)"
+                    "INSERT INTO records (seq, tenant, database, collection, record_id,"
+                    " record_version, record_hash, accepted_at, body)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     new_rows,
                 )
+                self._db.executemany("INSERT INTO pending VALUES (?, ?, ?)", new_pending)
                 self._db.executemany(
                     "INSERT INTO idempotency (tenant, key, fingerprint, response, created_ts)"
                     " VALUES (?, ?, ?, ?, ?)",
                     new_keys,
                 )
+            self._next_seq = seq
             if self.pending_records == 0:
                 self.oldest_pending_ts = now
             self.pending_records += len(new_rows)
@@ -227,7 +245,7 @@ class SandboxStore:
     def flush(self, now: float, max_records: int) -> int:
         """Put up to `max_records` pending records, oldest first, into one new batch."""
         rows = self._db.execute(
-            "SELECT seq, record_hash FROM records WHERE batch_id IS NULL ORDER BY seq LIMIT ?",
+            "SELECT seq, record_hash FROM pending ORDER BY seq LIMIT ?",
             (max_records,),
         ).fetchall()
         if not rows:
@@ -245,16 +263,17 @@ class SandboxStore:
                 (batch_id, root, len(rows), now, block_number, tx, cid),
             )
             self._db.executemany(
-                "UPDATE records SET batch_id = ?, leaf_index = ?, audit_path = ? WHERE seq = ?",
+                "INSERT INTO leaves VALUES (?, ?, ?, ?)",
                 (
-                    (batch_id, i, b"".join(proof_from_levels(i, levels)), seq)
+                    (seq, batch_id, i, b"".join(proof_from_levels(i, levels)))
                     for i, (seq, _) in enumerate(rows)
                 ),
             )
+            self._db.execute("DELETE FROM pending WHERE seq <= ?", (rows[-1][0],))
         self.batches_anchored += 1
         self.pending_records -= len(rows)
         self.oldest_pending_ts = self._db.execute(
-            "SELECT MIN(accepted_ts) FROM records WHERE batch_id IS NULL"
+            "SELECT MIN(accepted_ts) FROM pending"
         ).fetchone()[0]
         return len(rows)
 
@@ -270,9 +289,10 @@ class SandboxStore:
     ) -> StoredVersion | None:
         """The latest version of a record, or its latest version with `record_hash`."""
         sql = (
-            "SELECT r.body, r.record_hash, r.accepted_at, r.leaf_index, r.audit_path,"
+            "SELECT r.body, r.record_hash, r.accepted_at, l.leaf_index, l.audit_path,"
             " b.merkle_root, b.tree_size, b.flushed_ts, b.block_number, b.transaction_hash,"
-            " b.ipfs_cid FROM records r LEFT JOIN batches b ON b.batch_id = r.batch_id"
+            " b.ipfs_cid FROM records r LEFT JOIN leaves l ON l.seq = r.seq"
+            " LEFT JOIN batches b ON b.batch_id = l.batch_id"
             " WHERE r.tenant = ? AND r.database = ? AND r.collection = ? AND r.record_id = ?"
         )
         params: list[Any] = [tenant, database, collection, record_id]
