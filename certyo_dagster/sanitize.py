@@ -212,7 +212,9 @@ def _base64(data: bytes) -> str:
 def _binary(value: Binary) -> str:
     # Subtype 3 (legacy UUID) stays base64: its byte order depends on which driver wrote it.
     if value.subtype == UUID_SUBTYPE and len(value) == 16:
-        return str(uuid.UUID(bytes=bytes(value)))
+        # str(uuid.UUID(bytes=...)) without building the UUID object: several times faster.
+        h = value.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return _base64(value)
 
 
@@ -297,7 +299,9 @@ def iso_utc(ts: datetime) -> str:
 
 def version_ms(ts: datetime) -> int:
     """Milliseconds since the Unix epoch (floor); naive datetimes are UTC."""
-    if ts.tzinfo is None or ts.utcoffset() is None:
+    if ts.tzinfo is None:
+        return (ts - _EPOCH_NAIVE) // _ONE_MS
+    if ts.utcoffset() is None:
         return (ts.replace(tzinfo=None) - _EPOCH_NAIVE) // _ONE_MS
     return (ts - _EPOCH_AWARE) // _ONE_MS
 
@@ -351,6 +355,10 @@ def _object(mapping: Mapping, budget: int, drop_certyo: bool = False) -> dict:
                 out[key] = _array(value, budget - 1)
             elif value is None or cls is bool:
                 out[key] = value
+            elif cls is datetime:
+                out[key] = iso_utc(value)
+            elif cls is ObjectId:
+                out[key] = str(value)
             else:
                 out[key] = _other(value, budget)
     except PoisonDocumentError as exc:
@@ -383,6 +391,10 @@ def _array(items: list | tuple, budget: int) -> list:
                 append(_array(value, budget - 1))
             elif value is None or cls is bool:
                 append(value)
+            elif cls is datetime:
+                append(iso_utc(value))
+            elif cls is ObjectId:
+                append(str(value))
             else:
                 append(_other(value, budget))
     except PoisonDocumentError as exc:
@@ -392,7 +404,7 @@ def _array(items: list | tuple, budget: int) -> list:
 
 
 def _other(value: Any, budget: int) -> Any:
-    """Everything but the plain JSON types, which the container loops handle inline."""
+    """Everything the container loops do not handle inline (JSON types, dates, ObjectIds)."""
     convert = _BY_TYPE.get(type(value))
     if convert is not None:
         return convert(value, budget)
