@@ -56,3 +56,16 @@ def test_cli_rejects_a_malformed_api_key_without_echoing_it():
     assert result.returncode == 2
     assert "KEY=TENANT" in result.stderr
     assert "cty_secret_no_tenant" not in result.stderr + result.stdout
+
+
+def test_subprocess_from_cli_arguments_uses_the_development_key():
+    with SandboxProcess(["--flush-records", "2", "--enable-fault-injection"]) as sandbox:
+        records = [sample_record(f"r{i}", tenant=DEFAULT_TENANT) for i in range(3)]
+        response = post_json(
+            sandbox,
+            "/api/v1/records/bulk",
+            {"tenantId": DEFAULT_TENANT, "records": records},
+            key=DEFAULT_API_KEY,
+        )
+        assert response.status_code == 202
+        assert sandbox.stats()["batches_anchored"] == 1

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import requests
@@ -203,22 +204,38 @@ def config_to_args(config: SandboxConfig, *, port: int = 0) -> list[str]:
 class SandboxProcess(_SandboxControls):
     """`python -m certyo_dagster.sandbox.cli` as a child process; a context manager.
 
-    API keys travel in the environment, not on the command line, so `ps` never shows
-    them. Leaving the block kills the process.
+    Give either a `SandboxConfig` (its API keys travel in the environment, not on the
+    command line, so `ps` never shows them) or raw CLI arguments such as
+    `["--flush-records", "10"]` (defaults: a free port and an in-memory database).
+    Leaving the block kills the process.
     """
 
-    def __init__(self, config: SandboxConfig | None = None, *, extra_args: list[str] | None = None):
-        self.config = config or SandboxConfig()
-        self.extra_args = list(extra_args or [])
+    def __init__(
+        self,
+        config: SandboxConfig | Sequence[str] | None = None,
+        *,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if config is None or isinstance(config, SandboxConfig):
+            self.config: SandboxConfig | None = config or SandboxConfig()
+            self._cli_args: list[str] | None = None
+        else:
+            self.config, self._cli_args = None, list(config)
+        self.extra_args = list(extra_args)
         self.port = 0
         self._process: subprocess.Popen[str] | None = None
         self._session = requests.Session()
 
     def start(self) -> SandboxProcess:
         env = dict(os.environ)
-        env[API_KEYS_ENV] = ",".join(f"{k}={t}" for k, t in self.config.api_keys.items())
         args = [sys.executable, "-m", "certyo_dagster.sandbox.cli"]
-        args += config_to_args(self.config, port=self.port) + ["--announce-port"] + self.extra_args
+        if self.config is not None:
+            env[API_KEYS_ENV] = ",".join(f"{k}={t}" for k, t in self.config.api_keys.items())
+            args += config_to_args(self.config, port=self.port)
+        else:
+            # Later options win in argparse, so the caller's arguments override these.
+            args += ["--port", str(self.port), "--db", ":memory:", *(self._cli_args or [])]
+        args += ["--announce-port", *self.extra_args]
         self._process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
         try:
             self.port = self._read_announced_port()
