@@ -209,3 +209,13 @@ def test_garbage_request_line_and_unknown_paths_are_not_500(sandbox):
     )
     assert response.status_code == 404
     assert requests.put(sandbox.base_url + RECORDS, timeout=5).status_code == 405
+
+
+def test_client_hanging_up_mid_body_is_not_a_server_error(sandbox):
+    with socket.create_connection(("127.0.0.1", sandbox.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /api/v1/records HTTP/1.1\r\nHost: x\r\nX-API-Key: " + TEST_KEY_A.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"tenantId\""
+        )  # fmt: skip
+    assert post(sandbox, RECORDS, make_record()).status_code == 202
+    assert "500" not in sandbox.stats()["requests_by_status"]

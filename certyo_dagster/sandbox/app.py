@@ -172,10 +172,11 @@ class SandboxApp:
         request = Request(scope, receive)
         try:
             response = await self._dispatch(request)
-        except _Dropped:
+        except (_Dropped, ClientDisconnect):
             return
-        except ClientDisconnect:
-            return
+        except Exception:  # a bug in a control endpoint; answer in the API's error shape
+            log.exception("unexpected error handling %s %s", request.method, request.url.path)
+            response = error_response(ApiError(500, "internal_error", "sandbox bug; see its log"))
         await response(scope, receive, send)
 
     async def _lifespan(self, receive: Callable, send: Callable) -> None:
@@ -238,7 +239,7 @@ class SandboxApp:
             response = await self._api_with_fault(request, handler, fault)
         except ApiError as error:
             response = error_response(error)
-        except _Dropped:
+        except (_Dropped, ClientDisconnect):
             raise
         except Exception:  # a bug, not bad input: keep serving, say so loudly
             log.exception("unexpected error handling %s %s", request.method, request.url.path)
