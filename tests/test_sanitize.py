@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
 import pickle
 import re
 import uuid
+from collections import OrderedDict
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
+import bson
 import orjson
 import pytest
 import rfc8785
@@ -26,6 +29,7 @@ from bson import (
     Timestamp,
 )
 from bson.datetime_ms import DatetimeMS
+from bson.raw_bson import RawBSONDocument
 from bson.son import SON
 
 from certyo_dagster.certyo.hashing import record_hash
@@ -653,3 +657,31 @@ def test_record_id_rejects_lone_surrogates() -> None:
     with pytest.raises(PoisonDocumentError) as caught:
         record_id_of("id\ud800")
     assert caught.value.reason == "invalid_unicode"
+
+
+def test_subclasses_get_the_form_of_their_base_type() -> None:
+    class Color(str, enum.Enum):
+        TEAL = "teal"
+
+    class Size(enum.IntEnum):
+        LARGE = 3
+
+    raw = RawBSONDocument(bson.encode({"price": Decimal128("2.50"), "at": NAIVE}))
+    doc = {"ordered": OrderedDict(b=1, a=2), "color": Color.TEAL, "size": Size.LARGE, "raw": raw}
+
+    payload = sanitize_document(doc)
+
+    assert payload == {
+        "ordered": {"b": 1, "a": 2},
+        "color": "teal",
+        "size": 3,
+        "raw": {"price": "2.50", "at": "2026-01-02T03:04:05.678+00:00"},
+    }
+    assert type(payload["color"]) is str and type(payload["size"]) is int
+    assert orjson.dumps(payload) == orjson.dumps(orjson.loads(orjson.dumps(payload)))
+
+
+def test_paths_inside_wrapper_forms() -> None:
+    assert _poison({"ref": DBRef("c", {1})}).path == "ref.$id"
+    assert _poison({"js": Code("f()", {"v": {2}})}).path == "js.$scope.v"
+    assert _poison({"re": Regex("a\ud800")}).path == "re.$regex"
