@@ -14,13 +14,16 @@ import dagster as dg
 from certyo_dagster.config import CollectionSpec, PipelineSettings
 from certyo_dagster.defs.ingestion import build_ingestion_defs
 from certyo_dagster.defs.resources import default_resources
+from certyo_dagster.defs.verification import build_verification_defs
 
 
 def build_collection_definitions(
     spec: CollectionSpec, settings: PipelineSettings
 ) -> dg.Definitions:
     """Everything Dagster shows for one collection (no resources)."""
-    return build_ingestion_defs(spec, settings)
+    return dg.Definitions.merge(
+        build_ingestion_defs(spec, settings), build_verification_defs(spec, settings)
+    )
 
 
 def build_definitions(
