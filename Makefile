@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format install clean
+.PHONY: run demo test lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m certyo_dagster.launcher
+
+# Non-interactive end to end: seed, ingest the last hours, anchor, verify, summary; non-zero
+# exit when anything is missing. Data and logs: .certyo_run/make-demo
+demo: $(STAMP)
+	$(BIN)/python -m certyo_dagster.demo run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

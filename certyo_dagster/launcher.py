@@ -202,6 +202,8 @@ def start_stack(
     environ: Mapping[str, str] | None = None,
     seed_count: int = 3000,
     churn_interval: float = 5.0,
+    churn: bool = True,
+    seed_hours: float = DEMO_HOURS,
     start_dagster: bool = True,
     now: datetime | None = None,
 ) -> Stack:
@@ -267,7 +269,8 @@ def start_stack(
         if embedded or with_sandbox:
             env["CERTYO_DEMO_MODE"] = "1"
         if embedded:
-            stack.seeded = _seed(env, seed_count, now)
+            stack.seeded = _seed(env, seed_count, seed_hours, now)
+        if embedded and churn:
             stack.processes["churn"] = _spawn(
                 "churn",
                 [
@@ -304,7 +307,7 @@ def start_stack(
     return stack
 
 
-def _seed(env: Mapping[str, str], count: int, now: datetime) -> int:
+def _seed(env: Mapping[str, str], count: int, hours: float, now: datetime) -> int:
     from certyo_dagster.config import DEFAULT_DATABASE
     from certyo_dagster.demo.store import seed_catalog
     from certyo_dagster.source import close_all_clients, open_client
@@ -313,7 +316,7 @@ def _seed(env: Mapping[str, str], count: int, now: datetime) -> int:
     collection = env.get("CERTYO_COLLECTIONS", "").split(",")[0].split(":")[0].strip()
     try:
         products = open_client(env["MONGO_URI"])[database][collection or "products"]
-        result = seed_catalog(products, count=count, hours=DEMO_HOURS, now=now)
+        result = seed_catalog(products, count=count, hours=hours, now=now)
     finally:
         close_all_clients()
     return result.inserted

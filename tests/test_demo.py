@@ -159,3 +159,22 @@ def test_churn_process_stops_on_sigterm(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0
     assert "churn stopped after 1 ticks" in out
+
+
+def test_demo_summary_names_what_is_missing() -> None:
+    from certyo_dagster.demo.driver import DemoOutcome, demo_partitions, render_summary
+
+    good = DemoOutcome({"anchored": 10}, 10, 10, 2, 0, ["2026-03-01-10:00"], [])
+    assert good.problems() == []
+    assert "batches anchored" in render_summary(good)
+    bad = DemoOutcome(
+        {"anchored": 7, "pending": 3}, 10, 8, 0, 2, ["2026-03-01-10:00"], ["verify_products"]
+    )
+    assert bad.problems() == [
+        "dagster run failed: verify_products",
+        "3 of 10 documents are not anchored",
+        "the sandbox stored 8 records for 10 docs",
+        "the sandbox anchored no batch",
+        "2 records still wait for a batch",
+    ]
+    assert demo_partitions(NOW, 2) == ["2026-03-01-10:00", "2026-03-01-11:00", "2026-03-01-12:00"]
