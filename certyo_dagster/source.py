@@ -42,7 +42,16 @@ def open_client(uri: str) -> Any:
 
                 client = open_embedded_client(uri)
             else:
-                client = pymongo.MongoClient(uri, tz_aware=False, connect=False, appname="certyo")
+                client = pymongo.MongoClient(
+                    uri,
+                    tz_aware=False,
+                    connect=False,
+                    appname="certyo-dagster",
+                    # Legacy data can hold invalid UTF-8. Strict decoding would make the
+                    # cursor raise and crash the whole run; this turns the bad bytes into
+                    # lone surrogates, which the sanitizer dead-letters as one document.
+                    unicode_decode_error_handler="surrogateescape",
+                )
             _clients[uri] = client
         return client
 

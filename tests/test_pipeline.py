@@ -6,10 +6,15 @@ test named after it.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
+import pytest
 from bson import Decimal128, ObjectId
 from fixtures.pipeline import hour, pk
+
+from certyo_dagster.certyo.errors import CertyoUnavailableError
+from certyo_dagster.ingest import IngestFailedError, WindowIngestor
 
 
 def _product(i: int, ts: datetime, **extra) -> dict:
@@ -153,3 +158,150 @@ def _metadata(result, asset: str) -> dict:
 def _check(result, name: str):
     (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
     return evaluation
+
+
+def test_poison_documents_become_dead_letters_and_the_check_warns_while_the_run_succeeds(
+    pipeline,
+):
+    products = pipeline.db["products"]
+    good = [_product(i, hour(10, i)) for i in range(20)]
+    deep: dict = {"leaf": 1}
+    for _ in range(150):  # MongoDB itself stops at 100 levels; so does the sanitizer
+        deep = {"nested": deep}
+    poison = [
+        {"_id": "deep", "updatedAt": hour(10, 30), "spec": deep},
+        {"_id": "huge", "updatedAt": hour(10, 32), "blob": "x" * 2_000_000},
+    ]
+    products.insert_many(good + poison)
+
+    result = pipeline.materialize(pk(10))
+
+    assert result.success
+    assert len(pipeline.certyo_records(collection="products")) == 20
+    letters = {d["documentId"]: d for d in pipeline.db["_certyo_dead_letters"].find()}
+    assert set(letters) == {"deep", "huge"}
+    assert letters["deep"]["reason"] == "too_deep"
+    assert letters["huge"]["reason"] == "too_large"
+    assert all(d["runId"] == result.run_id and d["version"] for d in letters.values())
+    check = _check(result, "no_dead_letters")
+    assert not check.passed
+    assert check.severity.value == "WARN"
+    assert check.metadata["open_dead_letters"].value == 2
+    assert products.find_one({"_id": "huge"})["certyo_status"] == "rejected"
+
+
+def test_a_record_certyo_rejects_is_dead_lettered_and_the_rest_of_the_batch_is_accepted(
+    pipeline,
+):
+    products = pipeline.db["products"]
+    products.insert_many([_product(i, hour(11, i)) for i in range(15)])
+    # An empty string is a legal MongoDB _id but Certyo requires a non-empty recordId.
+    products.insert_one({"_id": "", "updatedAt": hour(11, 50), "name": "nameless"})
+
+    result = pipeline.materialize(pk(11))
+
+    assert result.success
+    assert len(pipeline.certyo_records(collection="products")) == 15
+    (letter,) = pipeline.db["_certyo_dead_letters"].find()
+    assert letter["documentId"] == "" and letter["reason"] == "certyo_validation"
+    assert "recordId" in letter["message"]
+    assert not _check(result, "no_dead_letters").passed
+
+
+def test_scripted_503_then_429_is_retried_and_the_run_succeeds(pipeline):
+    pipeline.db["products"].insert_many([_product(i, hour(12, i)) for i in range(40)])
+    pipeline.sandbox.script_faults(
+        [{"status": 503, "times": 2}, {"status": 429, "retry_after": 0, "times": 1}]
+    )
+
+    result = pipeline.materialize(pk(12))
+
+    assert result.success
+    assert len(pipeline.certyo_records(collection="products")) == 40
+    by_status = pipeline.sandbox.stats()["requests_by_status"]
+    assert by_status.get("503") == 2 and by_status.get("429") == 1
+
+
+def test_certyo_down_fails_the_run_marks_nothing_pending_and_keeps_last_sync(pipeline):
+    products = pipeline.db["products"]
+    products.insert_many([_product(i, hour(13, i)) for i in range(30)])
+    first = pipeline.tick()
+    cursor_before = pipeline.db["_certyo_cursors"].find_one({"_id": "poll_products"})
+    pipeline.sandbox.script_faults([{"status": 503, "times": 100}])
+
+    result = pipeline.materialize(pk(13), raise_on_error=False)
+
+    assert not result.success
+    failure = result.failure_data_for_node("ingest_products_window")
+    assert "ingestion stopped" in failure.error.message
+    assert products.count_documents({"certyo_status": {"$exists": True}}) == 0
+    pipeline.sandbox.clear_faults()
+    second = pipeline.tick(cursor=first.cursor)
+    assert second.cursor == first.cursor
+    cursor_after = pipeline.db["_certyo_cursors"].find_one({"_id": "poll_products"})
+    assert cursor_before["lastSyncAt"] <= hour(13, 0)
+    assert (cursor_after["lastSyncAt"], cursor_after["lastId"]) == (
+        cursor_before["lastSyncAt"],
+        cursor_before["lastId"],
+    )
+
+
+def test_a_later_batch_succeeding_after_an_earlier_failure_does_not_move_the_position(
+    pipeline,
+):
+    products = pipeline.db["products"]
+    products.insert_many([_product(i, hour(14, i % 60, i // 60)) for i in range(300)])
+    first_batch = list(products.find({}, sort=[("updatedAt", 1), ("_id", 1)]).limit(100))
+    first_ids = {str(d["_id"]).encode() for d in first_batch}
+    real = pipeline.resources["certyo"].get_client()
+
+    class FirstBatchFails:
+        """The real client, except that the bulk call carrying the first batch fails."""
+
+        def ingest_record(self, record):
+            return real.ingest_record(record)
+
+        def post_bulk_body(self, body, count):
+            if any(i in body for i in first_ids):
+                time.sleep(0.2)  # let the later batches finish first
+                raise CertyoUnavailableError("Certyo unavailable (simulated)")
+            return real.post_bulk_body(body, count)
+
+    ingestor = WindowIngestor(
+        database=pipeline.db,
+        spec=pipeline.spec(),
+        client=FirstBatchFails(),
+        tenant_id="tenant-a",
+        run_id="test-run",
+        batch_size=100,
+        max_in_flight=3,
+    )
+    with pytest.raises(IngestFailedError) as caught:
+        ingestor.run(hour(14), hour(15))
+
+    # The later batches were accepted and written back; the first was not.
+    pending = {d["_id"] for d in products.find({"certyo_status": "pending"})}
+    assert len(pending) == 200
+    assert not {d["_id"] for d in first_batch} & pending
+    assert caught.value.report.acknowledged_through is None
+    # The sensor's position stays before the first unacknowledged version.
+    tick = pipeline.tick()
+    assert [r.partition_key for r in tick.run_requests] == [pk(14)]
+    mirror = pipeline.db["_certyo_cursors"].find_one({"_id": "poll_products"})
+    assert (mirror["lastSyncAt"], mirror["lastId"]) == (first_batch[0]["updatedAt"], None)
+
+
+def test_invalid_utf8_stored_in_mongodb_decodes_to_a_dead_letter_not_a_crash(pipeline):
+    # mongomock cannot hold invalid UTF-8; a real server can. Decode raw BSON the way the
+    # production client is configured to, then hand it to the sanitizer.
+    from bson import decode, encode
+    from bson.codec_options import CodecOptions
+
+    from certyo_dagster.sanitize import PoisonDocumentError, to_certyo_record
+
+    raw = encode({"_id": "legacy", "updatedAt": hour(1), "name": "cafe"})
+    raw = raw.replace(b"cafe", b"caf\xe9")  # Latin-1 bytes where UTF-8 belongs
+    doc = decode(raw, CodecOptions(unicode_decode_error_handler="surrogateescape"))
+    with pytest.raises(PoisonDocumentError) as caught:
+        to_certyo_record(doc, pipeline.spec(), "tenant-a")
+    assert caught.value.reason == "invalid_unicode"
