@@ -5,40 +5,54 @@ files (one per collection) that the webserver, the daemon, each run's subprocess
 `certyo-demo churn` all read and write. It exists so `make run` needs no MongoDB server. It is
 not MongoDB, and nothing outside demo mode should use it.
 
-What the pipeline relies on, checked on montydb 2.5 and mongomock by tests/test_embedded.py:
+What the pipeline relies on, checked on montydb 2.5 and mongomock by tests/test_embedded.py
+(the pipeline's own builders in extract.py and verify.py are run there too):
 
 Works as on MongoDB
-- `find(filter, sort=[(ts, 1), ("_id", 1)], limit=n)` with the keyset filter
+- `find(filter, projection, sort=[(ts, 1), ("_id", 1)], limit=n)` with the keyset filter
   `{"$and": [{ts: {"$gte": start, "$lt": end}},
-             {"$or": [{ts: {"$gt": t}}, {ts: t, "_id": {"$gt": id}}]}]}`,
-  including ties on `ts` across page boundaries; `batch_size` (keyword or cursor method) is
-  accepted and ignored (montydb's cursor gets a no-op `batch_size`); the `$type` clauses of
-  `after_key_filter`/`after_id_filter` (montydb rejects the alias "symbol", which is added to
-  its table: no stored value has that type); `{ts: None}`
-  matching missing fields; `$setOnInsert` and `$inc` in upserts.
-- `find_one(filter, sort=...)`, `count_documents(filter)`.
+             {"$or": [{ts: {"$gt": t}}, {ts: t, "_id": {"$gt": id}},
+                      {ts: t, "_id": {"$type": <each later type>}}]}]}`,
+  including ties on `ts` across page boundaries and `_id`s of mixed BSON types.
+- `find({"certyo_status": "pending", ...}, sort=[("_id", 1)], limit=n)` keyset pages by `_id`.
+- `find_one(filter, sort=...)`, `count_documents(filter)`, `{ts: None}` matching a missing
+  field, `$type: "date"`, `$not`.
 - `update_one({"_id": id, ts: t}, {"$set": ...})` (the conditional write-back: no match when
-  the document changed since it was read), `update_one(..., upsert=True)`, `insert_one`
-  (DuplicateKeyError on an existing `_id`, as on MongoDB).
+  the document changed since it was read); `update_one(..., upsert=True)` with `$set`,
+  `$setOnInsert` and `$inc`; `insert_one` raising DuplicateKeyError on an existing `_id`.
 - Round trips of naive UTC datetimes (truncated to milliseconds, as BSON does), Decimal128,
-  Binary (UUIDs are stored as `Binary` subtype 4: pass `Binary.from_uuid(u)`, as pymongo
-  requires without a `uuidRepresentation`), Int64, ObjectId and nested arrays of documents.
+  Binary (subtype 0 comes back as `bytes`, as with pymongo; UUIDs must be stored as
+  `Binary.from_uuid(u)`, as pymongo requires without a `uuidRepresentation`), Int64, ObjectId,
+  DBRef and nested arrays of documents.
 
-Differs, and how this module covers it
-- `bulk_write` is not implemented by montydb (NotImplementedError). `EmbeddedCollection`
-  applies `UpdateOne`/`UpdateMany`/`InsertOne`/`ReplaceOne`/`DeleteOne`/`DeleteMany` one by
-  one under the store's write lock and returns a pymongo `BulkWriteResult`. Unlike MongoDB,
-  an error stops the batch without a BulkWriteError listing per-operation errors.
-- montydb updates are read-modify-write in Python: a writer in another process could slip in
-  between the read and the write and be overwritten. Every write here takes an exclusive
-  `flock` on `<path>/.certyo-write.lock`, so writes through this module are serialised across
-  processes and the conditional write-back stays correct while churn edits documents.
+Differs, and what this module does about it (montydb itself is left unmodified on disk)
+- `bulk_write` raises NotImplementedError (so `getattr(c, "bulk_write", None)` raises too).
+  `EmbeddedCollection.bulk_write` applies InsertOne/UpdateOne/UpdateMany/ReplaceOne/
+  DeleteOne/DeleteMany one by one under the write lock and returns a pymongo
+  BulkWriteResult. Unlike MongoDB, an error stops the batch (no per-operation writeErrors).
+- Errors are montydb's own classes (`montydb.errors.DuplicateKeyError`, and a bare
+  `StorageDuplicateKeyError` when an upsert loses an insert race), which `except
+  pymongo.errors.DuplicateKeyError` does not catch. They are re-raised as pymongo's.
+- `cursor.batch_size(n)` does not exist: montydb's cursor gets a no-op one.
+- `$type: "symbol"` (in the keyset filters after a numeric or null `_id`) raises
+  OperationFailure "Unknown type name alias: symbol": the alias is added to montydb's table
+  (no stored value can have that type; pymongo decodes symbols as str).
+- Updates are read-modify-write in Python, so a writer in another process could slip in
+  between the read and the write and be overwritten (a lost churn edit, or a write-back
+  landing on a newer version). Every write here takes an exclusive `flock` on
+  `<path>/.certyo-write.lock`: writes through this module are serialised across processes.
+- Every query decodes the whole collection (~0.1 s per query for 3,000 products).
+  Operations whose filter pins `_id` to an ObjectId or string (update/find_one/count/delete/
+  replace) read that one SQLite row instead, with the filter still applied: an update by
+  `_id` costs ~2 ms instead of ~120 ms, which is what makes write-back of a partition
+  seconds rather than minutes.
 - montydb's SQLite engine keeps its current connection on a shared attribute, so two threads
   could close each other's connection. The engine is replaced by one that opens a private
   connection per call.
-- `create_index` is a no-op: every query is a full scan of the collection in Python. That is
-  fine for a demo catalog of a few thousand documents and hopeless for production volumes.
-- No change streams, no transactions, no aggregation pipeline beyond montydb's basics.
+- `create_index` is a no-op (there are no indexes), `list_collection_names` counts SQLite's
+  -wal/-shm files as collections (filtered here), no change streams, no transactions.
+
+Fine for a demo catalog of a few thousand documents; hopeless for production volumes.
 """
 
 from __future__ import annotations

@@ -139,10 +139,17 @@ def test_dead_letters_insert_rejects_duplicates_and_upsert_counts_attempts(db: A
     dead.update_one(
         {"_id": "k1"}, {"$inc": {"attempts": 1}, "$set": {"error": "HTTP 503"}}, upsert=True
     )
-    dead.update_one({"_id": "k2"}, {"$inc": {"attempts": 1}}, upsert=True)
+    dead.update_one(
+        {"_id": "k2"}, {"$inc": {"attempts": 1}, "$setOnInsert": {"firstSeenAt": T0}}, upsert=True
+    )
+    dead.update_one(
+        {"_id": "k2"},
+        {"$inc": {"attempts": 1}, "$setOnInsert": {"firstSeenAt": T0 + timedelta(1)}},
+        upsert=True,
+    )
     assert sorted(dead.find({}), key=lambda d: d["_id"]) == [
         {"_id": "k1", "attempts": 2, "error": "HTTP 503"},
-        {"_id": "k2", "attempts": 1},
+        {"_id": "k2", "attempts": 2, "firstSeenAt": T0},
     ]
 
 
