@@ -388,3 +388,23 @@ def test_verify_schedule_skips_while_a_verify_run_is_in_progress(pipeline):
             result = schedule.evaluate_tick(context)
     assert not result.run_requests
     assert run.run_id in result.skip_message
+
+
+def test_certyo_unavailable_fails_the_run_but_keeps_documents_pending(pipeline):
+    docs = _seed_and_ingest(pipeline, 2)
+    pipeline.sandbox.flush()
+    pipeline.sandbox.script_faults([{"path": "/api/v1/verify/record", "status": 503, "times": 50}])
+
+    result = _verify(pipeline, raise_on_error=False)
+
+    assert not result.success
+    products = pipeline.db["products"]
+    assert products.count_documents({"certyo_status": "pending"}) == len(docs)
+    assert _metadata(result)["run_verify_errors"] == len(docs)  # the report still lands
+    failure = result.failure_data_for_node("productdb__products__anchoring_status")
+    assert "retried by the next run" in failure.user_failure_data.description
+    assert "cty_sandbox" not in failure.user_failure_data.description  # no API key
+
+    pipeline.sandbox.clear_faults()
+    assert _verify(pipeline).success
+    assert products.count_documents({"certyo_status": "anchored"}) == len(docs)
