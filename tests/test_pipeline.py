@@ -305,3 +305,44 @@ def test_invalid_utf8_stored_in_mongodb_decodes_to_a_dead_letter_not_a_crash(pip
     with pytest.raises(PoisonDocumentError) as caught:
         to_certyo_record(doc, pipeline.spec(), "tenant-a")
     assert caught.value.reason == "invalid_unicode"
+
+
+def test_a_document_edited_while_its_batch_is_in_flight_is_not_labelled_with_the_old_hash(
+    pipeline,
+):
+    products = pipeline.db["products"]
+    docs = [_product(i, hour(15, i)) for i in range(20)]
+    products.insert_many(docs)
+    edited = docs[3]["_id"]
+    real = pipeline.resources["certyo"].get_client()
+
+    class EditDuringPost:
+        """The real client; while the bulk call is in flight, someone edits one document."""
+
+        def ingest_record(self, record):
+            return real.ingest_record(record)
+
+        def post_bulk_body(self, body, count):
+            response = real.post_bulk_body(body, count)
+            products.update_one(
+                {"_id": edited}, {"$set": {"price": Decimal128("1.00"), "updatedAt": hour(15, 59)}}
+            )
+            return response
+
+    WindowIngestor(
+        database=pipeline.db,
+        spec=pipeline.spec(),
+        client=EditDuringPost(),
+        tenant_id="tenant-a",
+        run_id="test-run",
+    ).run(hour(15), hour(16))
+
+    assert products.count_documents({"certyo_status": "pending"}) == 19
+    assert "certyo_status" not in products.find_one({"_id": edited})
+    # The newer version is shipped by the next run of the hour.
+    assert pipeline.materialize(pk(15)).success
+    newest = products.find_one({"_id": edited})
+    assert newest["certyo_status"] == "pending"
+    assert newest["certyo_version"] == int(
+        (hour(15, 59) - datetime(1970, 1, 1)).total_seconds() * 1000
+    )
