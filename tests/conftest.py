@@ -1,3 +1,3 @@
 """Shared fixtures live in tests/fixtures/, one module per external system."""
 
-pytest_plugins = ["fixtures.mongo", "fixtures.sandbox", "fixtures.pipeline"]
+pytest_plugins = ["fixtures.mongo", "fixtures.sandbox", "fixtures.pipeline", "fixtures.ledger"]
