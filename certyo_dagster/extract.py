@@ -28,20 +28,18 @@ SCAN_RESUMES = 3
 
 # MongoDB compares values of different BSON types by a fixed type order, and `$gt` only
 # matches values of the same type ("type bracketing"). To continue after an `_id` of one type
-# we must also match every `_id` of a type that sorts later. `_id` cannot be an array.
-_TYPE_ORDER = [
-    ("minKey",),
-    ("null",),
-    ("int", "long", "double", "decimal"),
-    ("string", "symbol"),
-    ("object",),
-    ("binData",),
-    ("objectId",),
-    ("bool",),
-    ("date",),
-    ("timestamp",),
-    ("regex",),
-    ("maxKey",),
+# we must also match every `_id` of a type that sorts later: each later type is matched by a
+# lower bound of its own, which an index can serve (and mongomock can evaluate). Arrays,
+# regexes and undefined cannot be an `_id`; Timestamp and MaxKey ids, which no driver
+# generates, are not paged past.
+_LATER_ID_TYPES: list[tuple[tuple[type, ...], dict]] = [
+    ((int, float, Int64, Decimal128), {"$gte": float("-inf")}),
+    ((str,), {"$gte": ""}),
+    ((dict,), {"$gte": {}}),
+    ((bytes, Binary, uuid.UUID), {"$gte": Binary(b"")}),
+    ((ObjectId,), {"$gte": ObjectId("0" * 24)}),
+    ((bool,), {"$type": "bool"}),  # not $in [false, true]: mongomock lets 1 match true
+    ((datetime,), {"$type": "date"}),
 ]
 
 
@@ -57,31 +55,26 @@ def utc_aware(ts: datetime) -> datetime:
 
 
 def _type_rank(value: Any) -> int:
+    """Position of the value's BSON type in `_LATER_ID_TYPES` (-1 for null)."""
     if value is None:
-        return 1
-    if isinstance(value, bool):
-        return 7
-    if isinstance(value, int | float | Decimal128 | Int64):
-        return 2
-    if isinstance(value, str):
-        return 3
-    if isinstance(value, dict):
-        return 4
-    if isinstance(value, bytes | Binary | uuid.UUID):
+        return -1
+    if isinstance(value, bool):  # an int subclass in Python, its own type in BSON
         return 5
-    if isinstance(value, ObjectId):
-        return 6
-    if isinstance(value, datetime):
-        return 8
-    return 4
+    for position, (types, _) in enumerate(_LATER_ID_TYPES):
+        if isinstance(value, types):
+            return position
+    return len(_LATER_ID_TYPES)
+
+
+def after_id_filter(last_id: Any) -> dict:
+    """Documents whose `_id` sorts strictly after `last_id`, whatever their BSON types."""
+    later = [{"_id": clause} for _, clause in _LATER_ID_TYPES[_type_rank(last_id) + 1 :]]
+    return {"$or": [{"_id": {"$gt": last_id}}, *later]}
 
 
 def after_key_filter(ts_field: str, ts: datetime, last_id: Any) -> dict:
     """Documents strictly after `(ts, last_id)` in `(ts, _id)` order."""
-    later_types = [t for group in _TYPE_ORDER[_type_rank(last_id) + 1 :] for t in group]
-    same_ts = [{ts_field: ts, "_id": {"$gt": last_id}}]
-    same_ts += [{ts_field: ts, "_id": {"$type": t}} for t in later_types]
-    return {"$or": [{ts_field: {"$gt": ts}}, *same_ts]}
+    return {"$or": [{ts_field: {"$gt": ts}}, {"$and": [{ts_field: ts}, after_id_filter(last_id)]}]}
 
 
 @dataclass(frozen=True)

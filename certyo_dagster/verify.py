@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +22,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import pymongo
-from bson import Binary, Decimal128, Int64, ObjectId
 from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError, PyMongoError
 
@@ -31,7 +29,7 @@ from certyo_dagster.certyo.errors import CertyoAuthError, CertyoError, CertyoNot
 from certyo_dagster.certyo.hashing import record_hash, record_hash_bytes
 from certyo_dagster.certyo.merkle import verify_inclusion
 from certyo_dagster.config import CollectionSpec
-from certyo_dagster.extract import timestamp_of, utc_naive
+from certyo_dagster.extract import after_id_filter, timestamp_of, utc_naive
 from certyo_dagster.sanitize import (
     PoisonDocumentError,
     document_version,
@@ -291,35 +289,6 @@ def ensure_verify_indexes(collection: Any) -> None:
     """Indexes for paging pending documents by `_id` and finding the oldest one."""
     collection.create_index(_STATUS_ID_INDEX, name="certyo_status_id")
     collection.create_index(_STATUS_AGE_INDEX, name="certyo_status_ingested_at")
-
-
-# `_id` types in MongoDB's sort order, each with a clause matching every value of the type.
-# `$gt` only matches values of its own type ("type bracketing"), so paging on past an `_id`
-# also needs every `_id` of a later type. Lower bounds instead of `$type` keep the clauses
-# index-friendly (and evaluable by mongomock). Arrays, regexes and undefined cannot be an
-# `_id`; Timestamp and MaxKey ids, which no driver generates, are not paged past.
-_LATER_ID_TYPES: list[tuple[tuple[type, ...], dict]] = [
-    ((int, float, Int64, Decimal128), {"$gte": float("-inf")}),
-    ((str,), {"$gte": ""}),
-    ((dict,), {"$gte": {}}),
-    ((bytes, Binary, uuid.UUID), {"$gte": Binary(b"")}),
-    ((ObjectId,), {"$gte": ObjectId("0" * 24)}),
-    ((bool,), {"$in": [False, True]}),
-    ((datetime,), {"$type": "date"}),
-]
-
-
-def after_id_filter(last_id: Any) -> dict:
-    """Documents whose `_id` sorts strictly after `last_id`, whatever their BSON types."""
-    # null sorts before every type listed; an unlisted type only pages on within its own.
-    rank = -1 if last_id is None else len(_LATER_ID_TYPES)
-    for position, (types, _) in enumerate(_LATER_ID_TYPES):
-        # bool is an int subclass in Python but its own type in BSON
-        if isinstance(last_id, types) and not (isinstance(last_id, bool) and bool not in types):
-            rank = position
-            break
-    later = [{"_id": clause} for _, clause in _LATER_ID_TYPES[rank + 1 :]]
-    return {"$or": [{"_id": {"$gt": last_id}}, *later]}
 
 
 def iter_status_pages(

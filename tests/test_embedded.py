@@ -175,9 +175,6 @@ def test_pending_documents_page_by_id_and_bulk_write_marks_them(db: Any) -> None
         last = page[-1]["_id"]
     assert seen == sorted(ids[:3] + ids[4:])
 
-    if "mongomock" in repr(products):
-        pytest.xfail("mongomock 4.3 rejects pymongo 4.9+ UpdateOne in bulk_write (sort=)")
-
     result = products.bulk_write(
         [UpdateOne({"_id": i, TS: T0}, {"$set": {"certyo_status": "anchored"}}) for i in seen]
         + [UpdateOne({"_id": ids[0], TS: T0 + timedelta(1)}, {"$set": {"x": 1}})],

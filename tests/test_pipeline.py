@@ -346,3 +346,55 @@ def test_a_document_edited_while_its_batch_is_in_flight_is_not_labelled_with_the
     assert newest["certyo_version"] == int(
         (hour(15, 59) - datetime(1970, 1, 1)).total_seconds() * 1000
     )
+
+
+def test_a_window_scan_resumes_after_its_last_key_across_id_types_when_the_cursor_dies(
+    pipeline, monkeypatch
+):
+    """A primary step-down mid-scan: the cursor raises AutoReconnect; the scan reopens after
+    the last key it handed out, even inside a run of equal timestamps with mixed _id types."""
+    from pymongo.errors import AutoReconnect
+
+    from certyo_dagster.extract import iter_window_batches
+
+    products = pipeline.db["products"]
+    tie = hour(16, 30)
+    ids = [ObjectId() for _ in range(6)] + ["a", "b", 1, 2, {"k": 1}]
+    products.insert_many([{"_id": i, "updatedAt": tie} for i in ids])
+    products.insert_one({"_id": "later", "updatedAt": hour(16, 45)})
+    real_find = type(products).find
+    calls = {"n": 0}
+
+    def flaky_find(self, *args, **kwargs):
+        cursor = real_find(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:
+            return cursor
+
+        class DiesAfterThree:
+            def batch_size(self, n):
+                cursor.batch_size(n)
+                return self
+
+            def __iter__(self):
+                for count, doc in enumerate(cursor):
+                    if count == 3:
+                        raise AutoReconnect("primary stepped down")
+                    yield doc
+
+            def close(self):
+                cursor.close()
+
+        return DiesAfterThree()
+
+    monkeypatch.setattr(type(products), "find", flaky_find)
+    seen = [
+        d["_id"]
+        for batch in iter_window_batches(
+            products, pipeline.spec(), hour(16), hour(17), batch_size=2
+        )
+        for d in batch
+    ]
+
+    assert sorted(map(repr, seen)) == sorted(map(repr, ids + ["later"]))
+    assert len(seen) == len(ids) + 1
