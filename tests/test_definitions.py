@@ -65,3 +65,26 @@ def test_bad_settings_name_the_variable(env, message):
 def test_partition_start_is_a_utc_hour():
     settings = PipelineSettings.from_env({"CERTYO_PARTITION_START": "2026-03-01T05:00+02:00"})
     assert settings.partition_start == datetime(2026, 3, 1, 3, tzinfo=timezone.utc)
+
+
+def test_every_step_that_calls_certyo_is_in_the_certyo_pool_limited_by_dagster_yaml(tmp_path):
+    import shutil
+
+    import dagster as dg
+
+    from certyo_dagster.defs import build_definitions
+
+    defs = build_definitions(PipelineSettings.from_env({}))
+    pools = {
+        node.name: node.pool
+        for job in ("ingest_products", "verify_products")
+        for node in defs.resolve_job_def(job).graph.node_defs
+    }
+    assert pools and set(pools.values()) == {"certyo"}, pools
+
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    config = instance.get_concurrency_config()
+    assert config.pool_config.default_pool_limit == 2
+    assert config.run_queue_config.max_concurrent_runs == 4
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
