@@ -97,6 +97,11 @@ def embedded_path(uri: str) -> Path:
     return Path(raw).resolve()
 
 
+_CREATE_DOCUMENTS = (
+    "CREATE TABLE IF NOT EXISTS documents (k text NOT NULL, v text NOT NULL, PRIMARY KEY(k))"
+)
+
+
 def _engine_class() -> type:
     from montydb.storage.sqlite import SQLiteKVEngine
 
@@ -114,9 +119,17 @@ def _engine_class() -> type:
             conn.text_factory = str
             conn.executescript(
                 f"PRAGMA journal_mode={self._journal_mode};PRAGMA synchronous=NORMAL;"
-                f"PRAGMA busy_timeout={int(_SQLITE_TIMEOUT_SECONDS * 1000)}"
+                f"PRAGMA busy_timeout={int(_SQLITE_TIMEOUT_SECONDS * 1000)};"
+                # montydb takes an existing file for an existing collection. A process killed
+                # between creating the file and committing its table left an empty file that
+                # no later read or write could use; create the table whenever it is missing.
+                f"{_CREATE_DOCUMENTS}"
             )
             return contextlib.closing(conn)
+
+        def create_table(self, db_file: str) -> None:
+            with self._connect(db_file):
+                pass  # `_connect` creates the table
 
         def read_key(self, db_file: str, key: Any) -> list[Any]:
             if not os.path.isfile(db_file):
