@@ -30,11 +30,12 @@ from certyo_dagster.extract import (
     timestamp_of,
 )
 from certyo_dagster.sanitize import (
+    CertyoRecordEncoder,
+    EncodedRecord,
     PoisonDocumentError,
     document_version,
     iso_utc,
     record_id_of,
-    to_certyo_record,
 )
 
 # Statuses that mean "this version was handled": shipped and accepted, anchored, rejected
@@ -53,6 +54,7 @@ VERIFICATION_FIELDS = (
     "certyo_ipfs_cid",
     "certyo_failure_reason",
 )
+_UNSET_VERIFICATION = {f: "" for f in VERIFICATION_FIELDS}
 
 
 class IngestClient(Protocol):
@@ -122,7 +124,7 @@ class _Pending:
 
     future: Future
     docs: list[dict]
-    records: list[dict]
+    records: list[EncodedRecord]
     last_key: VersionKey
 
 
@@ -175,6 +177,7 @@ class WindowIngestor:
         self.log = log or (lambda _msg: None)
         self.progress_every = progress_every
         self._bulk_prefix = b'{"tenantId":' + orjson.dumps(tenant_id) + b',"records":['
+        self._encoder = CertyoRecordEncoder(spec, tenant_id, max_payload_bytes=max_payload_bytes)
 
     # -- the window loop -------------------------------------------------------------------
 
@@ -192,8 +195,8 @@ class WindowIngestor:
                     batch_key = self._key(docs[-1])
                     to_ship = self._prepare(docs, report)
                     if to_ship:
-                        ship_docs, records, encoded = to_ship
-                        future = pool.submit(self._ship, records, encoded)
+                        ship_docs, records = to_ship
+                        future = pool.submit(self._ship, records)
                         in_flight.append(_Pending(future, ship_docs, records, batch_key))
                     elif not in_flight:
                         report.acknowledged_through = batch_key
@@ -227,10 +230,10 @@ class WindowIngestor:
 
     def _prepare(
         self, docs: list[dict], report: IngestReport
-    ) -> tuple[list[dict], list[dict], list[bytes]] | None:
+    ) -> tuple[list[dict], list[EncodedRecord]] | None:
         ship_docs: list[dict] = []
-        records: list[dict] = []
-        encoded: list[bytes] = []
+        records: list[EncodedRecord] = []
+        encode = self._encoder.encode
         for doc in docs:
             report.extracted += 1
             ts = timestamp_of(doc, self.spec)
@@ -248,62 +251,61 @@ class WindowIngestor:
                 report.skipped_acknowledged += 1
                 continue
             try:
-                record = to_certyo_record(
-                    doc, self.spec, self.tenant_id, max_payload_bytes=self.max_payload_bytes
-                )
+                # Encoded once, here; the bulk body only joins these bytes.
+                record = encode(doc)
             except PoisonDocumentError as exc:
                 self._dead_letter(doc, version, exc.reason, str(exc), "sanitize", report)
                 continue
             records.append(record)
             ship_docs.append(doc)
-            encoded.append(orjson.dumps(record))
         if not records:
             return None
         report.sent += len(records)
-        return ship_docs, records, encoded
+        return ship_docs, records
 
     # -- shipping (worker threads) ---------------------------------------------------------
 
-    def _ship(self, records: list[dict], encoded: list[bytes]) -> _Shipped:
+    def _ship(self, records: list[EncodedRecord]) -> _Shipped:
         if len(records) <= SINGLE_ENDPOINT_MAX:
             return self._ship_single(records)
         results: list[dict | None] = []
         rejected: dict[int, str] = {}
         requests = 0
-        for lo, hi in self._chunks(encoded):
-            chunk_results, chunk_rejected, n = self._post_chunk(records[lo:hi], encoded[lo:hi])
+        for lo, hi in self._chunks(records):
+            chunk_results, chunk_rejected, n = self._post_chunk(records[lo:hi])
             requests += n
             results.extend(chunk_results)
             rejected.update({lo + i: msg for i, msg in chunk_rejected.items()})
         return _Shipped(results, rejected, requests)
 
-    def _ship_single(self, records: list[dict]) -> _Shipped:
+    def _ship_single(self, records: list[EncodedRecord]) -> _Shipped:
         results: list[dict | None] = []
         rejected: dict[int, str] = {}
         for i, record in enumerate(records):
             try:
-                results.append(self.client.ingest_record(record))
+                results.append(self.client.ingest_record(record.as_record()))
             except CertyoValidationError as exc:
                 results.append(None)
                 rejected[i] = _validation_message(exc, None)
         return _Shipped(results, rejected, len(records))
 
-    def _chunks(self, encoded: list[bytes]) -> Iterable[tuple[int, int]]:
+    def _chunks(self, records: list[EncodedRecord]) -> Iterable[tuple[int, int]]:
         """Index ranges of at most 1000 records and `max_request_bytes` each."""
         lo, size = 0, 0
-        for i, item in enumerate(encoded):
-            if i > lo and (i - lo >= BULK_MAX_RECORDS or size + len(item) > self.max_request_bytes):
+        for i, record in enumerate(records):
+            item_size = len(record.json)
+            if i > lo and (i - lo >= BULK_MAX_RECORDS or size + item_size > self.max_request_bytes):
                 yield lo, i
                 lo, size = i, 0
-            size += len(item) + 1
-        if lo < len(encoded):
-            yield lo, len(encoded)
+            size += item_size + 1
+        if lo < len(records):
+            yield lo, len(records)
 
     def _post_chunk(
-        self, records: list[dict], encoded: list[bytes]
+        self, records: list[EncodedRecord]
     ) -> tuple[list[dict | None], dict[int, str], int]:
         try:
-            body = self._bulk_prefix + b",".join(encoded) + b"]}"
+            body = b"".join((self._bulk_prefix, b",".join([r.json for r in records]), b"]}"))
             if len(records) <= SINGLE_ENDPOINT_MAX:
                 shipped = self._ship_single(records)
                 return shipped.results, shipped.rejected, shipped.requests
@@ -324,9 +326,7 @@ class WindowIngestor:
             results: list[dict | None] = [None] * len(records)
             requests = 1
             if keep:
-                sub_results, sub_bad, n = self._post_chunk(
-                    [records[i] for i in keep], [encoded[i] for i in keep]
-                )
+                sub_results, sub_bad, n = self._post_chunk([records[i] for i in keep])
                 requests += n
                 for j, i in enumerate(keep):
                     results[i] = sub_results[j]
@@ -344,7 +344,7 @@ class WindowIngestor:
         resolved_ids = []
         for i, (doc, record) in enumerate(zip(pending.docs, pending.records, strict=True)):
             result = shipped.results[i]
-            version = int(record["recordVersion"])
+            version = record.version
             if result is None:
                 reason = shipped.rejected.get(i, "rejected by Certyo")
                 self._dead_letter(doc, version, "certyo_validation", reason, "ingest", report)
@@ -356,9 +356,9 @@ class WindowIngestor:
             if len(report.preview) < PREVIEW_ROWS:
                 report.preview.append(
                     {
-                        "recordId": record["recordId"],
-                        "recordVersion": record["recordVersion"],
-                        "sourceTimestamp": record["sourceTimestamp"],
+                        "recordId": record.record_id,
+                        "recordVersion": str(record.version),
+                        "sourceTimestamp": record.source_timestamp,
                         "recordHash": result.get("recordHash"),
                         "replayed": bool(result.get("idempotencyReplayed")),
                     }
@@ -384,7 +384,7 @@ class WindowIngestor:
                             "certyo_version": version,
                             "certyo_ingested_at": now,
                         },
-                        "$unset": {f: "" for f in VERIFICATION_FIELDS},
+                        "$unset": _UNSET_VERIFICATION,
                     },
                 )
             )
@@ -485,8 +485,12 @@ def _describe(failure: BaseException, report: IngestReport) -> str:
         if report.acknowledged_through and isinstance(report.acknowledged_through.ts, datetime)
         else "nothing"
     )
+    cause = str(failure)
+    if isinstance(failure, PyMongoError):
+        # A driver message alone ("primary stepped down") does not say which system failed.
+        cause = f"MongoDB failed: {type(failure).__name__}: {failure}"
     return (
-        f"ingestion stopped: {failure}. Acknowledged and written back {position} "
-        f"({report.accepted} accepted, {report.replayed} replayed, "
-        f"{report.dead_lettered} dead-lettered); nothing unacknowledged was marked pending"
+        f"ingestion stopped: {cause}. Acknowledged in order: {position}; written back: "
+        f"{report.accepted} accepted, {report.replayed} replayed, "
+        f"{report.dead_lettered} dead-lettered; nothing unacknowledged was marked pending"
     )
