@@ -12,7 +12,7 @@ Works as on MongoDB
 - `find(filter, projection, sort=[(ts, 1), ("_id", 1)], limit=n)` with the keyset filter
   `{"$and": [{ts: {"$gte": start, "$lt": end}},
              {"$or": [{ts: {"$gt": t}}, {ts: t, "_id": {"$gt": id}},
-                      {ts: t, "_id": {"$type": <each later type>}}]}]}`,
+                      {ts: t, "_id": <lower bound of each later BSON type>}]}]}`,
   including ties on `ts` across page boundaries and `_id`s of mixed BSON types.
 - `find({"certyo_status": "pending", ...}, sort=[("_id", 1)], limit=n)` keyset pages by `_id`.
 - `find_one(filter, sort=...)`, `count_documents(filter)`, `{ts: None}` matching a missing
@@ -34,9 +34,9 @@ Differs, and what this module does about it (montydb itself is left unmodified o
   `StorageDuplicateKeyError` when an upsert loses an insert race), which `except
   pymongo.errors.DuplicateKeyError` does not catch. They are re-raised as pymongo's.
 - `cursor.batch_size(n)` does not exist: montydb's cursor gets a no-op one.
-- `$type: "symbol"` (in the keyset filters after a numeric or null `_id`) raises
-  OperationFailure "Unknown type name alias: symbol": the alias is added to montydb's table
-  (no stored value can have that type; pymongo decodes symbols as str).
+- `$type: "symbol"` raises OperationFailure "Unknown type name alias: symbol" (the keyset
+  filters listed it before they switched to lower bounds per type): the alias is added to
+  montydb's table (no stored value can have that type; pymongo decodes symbols as str).
 - Updates are read-modify-write in Python, so a writer in another process could slip in
   between the read and the write and be overwritten (a lost churn edit, or a write-back
   landing on a newer version). Every write here takes an exclusive `flock` on

@@ -334,8 +334,6 @@ def test_the_pipeline_keyset_builders_page_mixed_id_types(db: Any) -> None:
     from certyo_dagster.extract import VersionKey, iter_window_batches
     from certyo_dagster.verify import iter_status_pages
 
-    if "mongomock" in repr(db):
-        pytest.xfail("mongomock 4.3 raises NotImplementedError for $type 'timestamp'/'symbol'")
     spec = CollectionSpec("productdb", "products")
     products = db["products"]
     docs = _seed_ties(products)
