@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from bson import (
@@ -41,6 +41,8 @@ from certyo_dagster.config import CollectionSpec
 
 __all__ = [
     "MAX_DEPTH_LIMIT",
+    "CertyoRecordEncoder",
+    "EncodedRecord",
     "MAX_IDEMPOTENCY_KEY_BYTES",
     "PoisonDocumentError",
     "document_version",
@@ -418,6 +420,15 @@ def _code(value: Code, budget: int) -> dict:
     return out
 
 
+def _dbref_doc(value: DBRef) -> dict:
+    """`value.as_doc()` as a plain dict: same members in the same order, without SON's cost."""
+    doc = {"$ref": value.collection, "$id": value.id}
+    if value.database is not None:
+        doc["$db"] = value.database
+    doc.update(value._DBRef__kwargs)  # what as_doc() adds; DBRef has no public accessor
+    return doc
+
+
 def _in_member(name: str, convert: Any, *args: Any) -> Any:
     try:
         return convert(*args)
@@ -448,7 +459,7 @@ _BY_TYPE: dict[type, Any] = {
     Regex: lambda v, b: _regex(v.pattern, v.flags),
     re.Pattern: lambda v, b: _regex(v.pattern, v.flags),
     Code: _code,
-    DBRef: lambda v, b: _object(v.as_doc(), b - 1),
+    DBRef: lambda v, b: _object(_dbref_doc(v), b - 1),
     MinKey: lambda v, b: {"$minKey": 1},
     MaxKey: lambda v, b: {"$maxKey": 1},
 }
@@ -488,7 +499,7 @@ def sanitize_document(doc: Mapping, *, max_depth: int = DEFAULT_MAX_DEPTH) -> di
     """
     if not 0 <= max_depth <= MAX_DEPTH_LIMIT:
         raise ValueError(f"max_depth must be between 0 and {MAX_DEPTH_LIMIT}, got {max_depth}")
-    if not isinstance(doc, Mapping):
+    if type(doc) is not dict and not isinstance(doc, Mapping):
         raise PoisonDocumentError(
             "unsupported_type", f"a document must be a mapping, got {_type_name(doc)}"
         )
@@ -535,6 +546,10 @@ def idempotency_key(spec: CollectionSpec, record_id: str, version: int) -> str:
 
 def _timestamp_of(doc: Mapping, spec: CollectionSpec) -> datetime:
     field_path = spec.timestamp_field
+    if type(doc) is dict and "." not in field_path:
+        value = doc.get(field_path)
+        if type(value) is datetime:
+            return value
     value: Any = doc
     for part in field_path.split(".") if "." in field_path else (field_path,):
         if not isinstance(value, Mapping) or part not in value:
@@ -562,15 +577,11 @@ def document_version(doc: Mapping, spec: CollectionSpec) -> int:
     return version_ms(_timestamp_of(doc, spec))
 
 
-def to_certyo_record(
-    doc: Mapping,
-    spec: CollectionSpec,
-    tenant_id: str,
-    *,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-) -> dict:
-    """The Certyo ingest record of one MongoDB document version. Raises PoisonDocumentError."""
-    if not isinstance(doc, Mapping):
+def _record_parts(
+    doc: Mapping, spec: CollectionSpec, max_payload_bytes: int
+) -> tuple[str, datetime, dict, bytes]:
+    """(recordId, timestamp, payload, payload JSON) of one document version."""
+    if type(doc) is not dict and not isinstance(doc, Mapping):
         raise PoisonDocumentError(
             "unsupported_type", f"a document must be a mapping, got {_type_name(doc)}"
         )
@@ -584,15 +595,28 @@ def to_certyo_record(
     try:
         ts = _timestamp_of(doc, spec)
         payload = sanitize_document(doc)
-        size = len(orjson.dumps(payload))
-        if size > max_payload_bytes:
+        payload_json = orjson.dumps(payload)
+        if len(payload_json) > max_payload_bytes:
             raise PoisonDocumentError(
                 "too_large",
-                f"the payload is {size} bytes as JSON, over the {max_payload_bytes}-byte limit",
+                f"the payload is {len(payload_json)} bytes as JSON, over the "
+                f"{max_payload_bytes}-byte limit",
             )
     except PoisonDocumentError as exc:
         exc.record_id = record_id
         raise
+    return record_id, ts, payload, payload_json
+
+
+def to_certyo_record(
+    doc: Mapping,
+    spec: CollectionSpec,
+    tenant_id: str,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> dict:
+    """The Certyo ingest record of one MongoDB document version. Raises PoisonDocumentError."""
+    record_id, ts, payload, _ = _record_parts(doc, spec, max_payload_bytes)
     version = version_ms(ts)
     return {
         "tenantId": tenant_id,
@@ -605,3 +629,56 @@ def to_certyo_record(
         "idempotencyKey": idempotency_key(spec, record_id, version),
         "recordPayload": payload,
     }
+
+
+class EncodedRecord(NamedTuple):
+    """A Certyo record as the JSON it is sent as, with the fields write-back needs."""
+
+    record_id: str
+    version: int
+    source_timestamp: str
+    json: bytes
+
+    def as_record(self) -> dict:
+        return orjson.loads(self.json)
+
+
+class CertyoRecordEncoder:
+    """One collection's documents straight to the JSON of their Certyo records.
+
+    The bytes equal `orjson.dumps(to_certyo_record(doc, spec, tenant_id))`, but the payload
+    is encoded once (the size check reuses it) and the envelope's constant part is encoded
+    once per collection, not once per record.
+    """
+
+    def __init__(
+        self,
+        spec: CollectionSpec,
+        tenant_id: str,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.spec = spec
+        self.max_payload_bytes = max_payload_bytes
+        envelope = {"tenantId": tenant_id, "database": spec.database, "collection": spec.collection}
+        self._head = orjson.dumps(envelope)[:-1] + b',"recordId":'
+
+    def encode(self, doc: Mapping) -> EncodedRecord:
+        """Raises PoisonDocumentError like `to_certyo_record`."""
+        record_id, ts, _, payload_json = _record_parts(doc, self.spec, self.max_payload_bytes)
+        version = version_ms(ts)
+        source_timestamp = iso_utc(ts)  # digits and punctuation only: no JSON escaping
+        body = b"".join(
+            (
+                self._head,
+                orjson.dumps(record_id),
+                b',"recordVersion":"%d","operationType":"upsert","sourceTimestamp":"' % version,
+                source_timestamp.encode("ascii"),
+                b'","idempotencyKey":',
+                orjson.dumps(idempotency_key(self.spec, record_id, version)),
+                b',"recordPayload":',
+                payload_json,
+                b"}",
+            )
+        )
+        return EncodedRecord(record_id, version, source_timestamp, body)
