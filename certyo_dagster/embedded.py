@@ -443,25 +443,3 @@ def open_embedded_client(uri: str) -> EmbeddedClient:
     client._storage._conn = _engine_class()(client._storage._config)
     _patch_montydb()
     return EmbeddedClient(client, path, lock)
-
-
-def upsert_with_retry(
-    collection: Any, filter: Mapping[str, Any], update: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """`update_one(filter, update, upsert=True)` that survives a concurrent upsert; returns
-    the document as stored afterwards.
-
-    Two processes upserting the same new `_id` race to insert it and the loser gets
-    DuplicateKeyError, on MongoDB as here. The document exists by then, so one retry updates
-    it. If the retry collides too (the stored document has the `_id` but fails the rest of the
-    filter), the other writer won: the stored document is re-read and returned as it is.
-    """
-    for attempt in range(2):
-        try:
-            collection.update_one(dict(filter), dict(update), upsert=True)
-            break
-        except DuplicateKeyError:
-            if attempt == 1:
-                break
-    key = {"_id": filter["_id"]} if "_id" in filter else dict(filter)
-    return collection.find_one(key)

@@ -19,6 +19,7 @@ from bson import Binary, Decimal128, Int64, ObjectId, json_util
 from pymongo.errors import AutoReconnect, CursorNotFound, OperationFailure
 
 from certyo_dagster.config import CollectionSpec
+from certyo_dagster.source import upsert_with_retry
 
 CURSORS_COLLECTION = "_certyo_cursors"
 DEAD_LETTERS_COLLECTION = "_certyo_dead_letters"
@@ -244,7 +245,8 @@ def read_cursor_mirror(database: Any, spec: CollectionSpec) -> CursorMirror:
 
 
 def write_cursor_mirror(database: Any, spec: CollectionSpec, position: VersionKey) -> None:
-    database[CURSORS_COLLECTION].update_one(
+    upsert_with_retry(
+        database[CURSORS_COLLECTION],
         {"_id": spec.cursor_id},
         {
             "$set": {
@@ -256,7 +258,6 @@ def write_cursor_mirror(database: Any, spec: CollectionSpec, position: VersionKe
                 "updatedAt": datetime.now(timezone.utc).replace(tzinfo=None),
             }
         },
-        upsert=True,
     )
 
 

@@ -37,6 +37,7 @@ from certyo_dagster.sanitize import (
     iso_utc,
     record_id_of,
 )
+from certyo_dagster.source import upsert_with_retry
 
 # Statuses that mean "this version was handled": shipped and accepted, anchored, rejected
 # into the dead-letter queue, or failed verification. A plain re-run skips them; `force`
@@ -420,7 +421,8 @@ class WindowIngestor:
         ts = timestamp_of(doc, self.spec)
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         letter_id = f"{self.spec.database}.{self.spec.collection}:{record_id}:{version}"
-        self.dead_letters.update_one(
+        upsert_with_retry(
+            self.dead_letters,
             {"_id": letter_id},
             {
                 "$set": {
@@ -441,7 +443,6 @@ class WindowIngestor:
                 "$setOnInsert": {"firstSeenAt": now},
                 "$inc": {"attempts": 1},
             },
-            upsert=True,
         )
         if version is not None and isinstance(ts, datetime):
             # Mark the version as handled so the sensor's position can move past it; a later

@@ -7,11 +7,14 @@ and a new MongoClient each time would cost a connection handshake each time (pit
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import pymongo
+from bson.codec_options import CodecOptions
+from pymongo.errors import DuplicateKeyError
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -32,6 +35,24 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
+# Legacy data can hold invalid UTF-8. Strict decoding would make the cursor raise and crash
+# the whole run; surrogateescape turns the bad bytes into lone surrogates, which the sanitizer
+# dead-letters as one document. pymongo refuses this handler as a MongoClient option (only
+# strict, replace and ignore, which would ship a silently altered record) but takes it as the
+# codec options of a database.
+SURROGATE_ESCAPE_CODEC = CodecOptions(
+    tz_aware=False, unicode_decode_error_handler="surrogateescape"
+)
+
+
+def open_database(client: Any, name: str) -> Any:
+    """Database `name` of `client`, decoding invalid UTF-8 as lone surrogates."""
+    try:
+        return client.get_database(name, codec_options=SURROGATE_ESCAPE_CODEC)
+    except NotImplementedError:  # mongomock, which cannot store invalid UTF-8 anyway
+        return client[name]
+
+
 def open_client(uri: str) -> Any:
     """A MongoClient-compatible client for `uri`, shared by everything in this process."""
     with _clients_lock:
@@ -43,14 +64,7 @@ def open_client(uri: str) -> Any:
                 client = open_embedded_client(uri)
             else:
                 client = pymongo.MongoClient(
-                    uri,
-                    tz_aware=False,
-                    connect=False,
-                    appname="certyo-dagster",
-                    # Legacy data can hold invalid UTF-8. Strict decoding would make the
-                    # cursor raise and crash the whole run; this turns the bad bytes into
-                    # lone surrogates, which the sanitizer dead-letters as one document.
-                    unicode_decode_error_handler="surrogateescape",
+                    uri, tz_aware=False, connect=False, appname="certyo-dagster"
                 )
             _clients[uri] = client
         return client
@@ -64,6 +78,28 @@ def close_all_clients() -> None:
         _clients.clear()
 
 
+def upsert_with_retry(
+    collection: Any, filter: Mapping[str, Any], update: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """`update_one(filter, update, upsert=True)` that survives a concurrent upsert; returns
+    the document as stored afterwards.
+
+    Two processes upserting the same new `_id` race to insert it and the loser gets
+    DuplicateKeyError, on MongoDB as here. The document exists by then, so one retry updates
+    it. If the retry collides too (the stored document has the `_id` but fails the rest of the
+    filter), the other writer won: the stored document is re-read and returned as it is.
+    """
+    for attempt in range(2):
+        try:
+            collection.update_one(dict(filter), dict(update), upsert=True)
+            break
+        except DuplicateKeyError:
+            if attempt == 1:
+                break
+    key = {"_id": filter["_id"]} if "_id" in filter else dict(filter)
+    return collection.find_one(key)
+
+
 class MongoResource(dg.ConfigurableResource):
     """The watched MongoDB deployment. `uri` comes from `EnvVar("MONGO_URI")`."""
 
@@ -74,7 +110,7 @@ class MongoResource(dg.ConfigurableResource):
         return open_client(self.uri)
 
     def get_database(self) -> Any:
-        return self.get_client()[self.database]
+        return open_database(self.get_client(), self.database)
 
     def get_collection(self, name: str) -> Any:
         return self.get_database()[name]

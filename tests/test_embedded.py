@@ -19,13 +19,8 @@ from bson import Binary, Decimal128, Int64, ObjectId
 from pymongo import InsertOne, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
-from certyo_dagster.embedded import (
-    EmbeddedStoreError,
-    embedded_path,
-    open_embedded_client,
-    upsert_with_retry,
-)
-from certyo_dagster.source import close_all_clients, open_client
+from certyo_dagster.embedded import EmbeddedStoreError, embedded_path, open_embedded_client
+from certyo_dagster.source import close_all_clients, open_client, upsert_with_retry
 
 TS = "updatedAt"
 T0 = datetime(2026, 3, 1, 10, 0, 0)
