@@ -398,3 +398,52 @@ def test_a_window_scan_resumes_after_its_last_key_across_id_types_when_the_curso
 
     assert sorted(map(repr, seen)) == sorted(map(repr, ids + ["later"]))
     assert len(seen) == len(ids) + 1
+
+
+def test_pitfall_unbounded_memory__the_ingestor_reads_at_most_in_flight_plus_one_batches_ahead(
+    pipeline, monkeypatch
+):
+    """However slow Certyo is, extraction never runs ahead of shipping by more than
+    `max_in_flight + 1` batches, so memory does not grow with the partition."""
+    import threading
+
+    import certyo_dagster.ingest as ingest_module
+
+    products = pipeline.db["products"]
+    products.insert_many([_product(i, hour(17, i % 60, i // 60)) for i in range(2_000)])
+    real = pipeline.resources["certyo"].get_client()
+    state = {"read": 0, "done": 0, "max_ahead": 0}
+    lock = threading.Lock()
+    real_batches = ingest_module.iter_window_batches
+
+    def counting_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            with lock:
+                state["read"] += 1
+                state["max_ahead"] = max(state["max_ahead"], state["read"] - state["done"])
+            yield batch
+
+    class SlowCertyo:
+        def ingest_record(self, record):
+            return real.ingest_record(record)
+
+        def post_bulk_body(self, body, count):
+            time.sleep(0.05)
+            response = real.post_bulk_body(body, count)
+            with lock:
+                state["done"] += 1
+            return response
+
+    monkeypatch.setattr(ingest_module, "iter_window_batches", counting_batches)
+    report = WindowIngestor(
+        database=pipeline.db,
+        spec=pipeline.spec(),
+        client=SlowCertyo(),
+        tenant_id="tenant-a",
+        run_id="test-run",
+        batch_size=50,
+        max_in_flight=3,
+    ).run(hour(17), hour(18))
+
+    assert report.accepted == 2_000 and report.batches == 40
+    assert state["max_ahead"] <= 3 + 1
