@@ -7,12 +7,14 @@ and a new MongoClient each time would cost a connection handshake each time (pit
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import pymongo
 from bson.codec_options import CodecOptions
+from pymongo.errors import DuplicateKeyError
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -74,6 +76,28 @@ def close_all_clients() -> None:
         for client in _clients.values():
             client.close()
         _clients.clear()
+
+
+def upsert_with_retry(
+    collection: Any, filter: Mapping[str, Any], update: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """`update_one(filter, update, upsert=True)` that survives a concurrent upsert; returns
+    the document as stored afterwards.
+
+    Two processes upserting the same new `_id` race to insert it and the loser gets
+    DuplicateKeyError, on MongoDB as here. The document exists by then, so one retry updates
+    it. If the retry collides too (the stored document has the `_id` but fails the rest of the
+    filter), the other writer won: the stored document is re-read and returned as it is.
+    """
+    for attempt in range(2):
+        try:
+            collection.update_one(dict(filter), dict(update), upsert=True)
+            break
+        except DuplicateKeyError:
+            if attempt == 1:
+                break
+    key = {"_id": filter["_id"]} if "_id" in filter else dict(filter)
+    return collection.find_one(key)
 
 
 class MongoResource(dg.ConfigurableResource):
