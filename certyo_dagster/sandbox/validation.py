@@ -222,7 +222,12 @@ def timestamp_problem(value: Any) -> str | None:
 def bulk_envelope(body: Any, tenant: str) -> tuple[str, list[Any]]:
     """The bulk body's (tenantId, records), or ApiError naming what is wrong with it."""
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", f"body must be a JSON object, got {_json_type(body)}")
+        raise ApiError(
+            400,
+            "invalid_body",
+            f"body must be a JSON object, got {_json_type(body)}",
+            [FieldError("body", "must be a JSON object with tenantId and records")],
+        )
     unknown = sorted(set(body) - {"tenantId", "records"})
     if unknown:
         raise ApiError(
