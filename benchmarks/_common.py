@@ -1,0 +1,291 @@
+"""What the benchmarks share: catalog documents, an in-memory collection, the sandbox, results.
+
+Documents are demo-catalog products (`certyo_dagster.demo.catalog.product`: nested variants
+and reviews, Decimal128 prices, UUID and binary fields, naive UTC dates, Int64 counters, a
+DBRef). Building one costs ~270 us of `random` calls, which would dominate any benchmark,
+so a pool of distinct products is built once and kept as BSON. Document `i` is pool entry
+`i % pool` decoded with `bson.decode` (a fresh object graph, as a pymongo cursor gives) with
+its own `_id`, `sku` and `updatedAt`, so every document is a distinct record.
+
+The collection is an in-memory stand-in for a pymongo collection because mongomock's own
+cost (~100 us per document) would swamp the measurement. It generates documents lazily,
+never holding the window in a list, and records the write-back operations it receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import bson
+from bson import ObjectId
+
+from certyo_dagster.config import CollectionSpec
+from certyo_dagster.demo.catalog import TIMESTAMP_FIELD, product
+from certyo_dagster.sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
+from certyo_dagster.sandbox.server import SandboxProcess
+
+API_KEY = DEFAULT_API_KEY
+TENANT = DEFAULT_TENANT
+DATABASE = "productdb"
+# One hourly partition holds every generated document.
+WINDOW_START = datetime(2026, 4, 1, 0, 0)
+WINDOW_END = WINDOW_START + timedelta(hours=1)
+PARTITION_KEY = "2026-04-01-00:00"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SOURCE_NOTE = (
+    "documents come from an in-memory stand-in for a pymongo collection (mongomock's own "
+    "cost would swamp the measurement); write-backs are recorded, not stored"
+)
+PRELOAD_NOTE = (
+    "documents are decoded from BSON before the clock starts (and gc.freeze()d); a real "
+    "pymongo cursor adds "
+    "its BSON decoding (see benchmarks/sanitize.py: bson.decode) to baseline and "
+    "certyo_dagster alike"
+)
+LAZY_NOTE = (
+    "documents are decoded from BSON one at a time as the cursor is read, like a pymongo "
+    "cursor, and never held in a list"
+)
+
+
+def spec_for(collection: str) -> CollectionSpec:
+    return CollectionSpec(DATABASE, collection, TIMESTAMP_FIELD)
+
+
+class CatalogSource:
+    """Document `i` of a generated catalog, built on demand from a pool of BSON products."""
+
+    def __init__(self, count: int, *, pool: int = 10_000, seed: int = 7) -> None:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        self.count = count
+        # Distinct milliseconds inside the hour, so (updatedAt, _id) order is the index order.
+        self.step_ms = 3_600_000 // count
+        if self.step_ms < 1:
+            raise ValueError("at most 3.6 million documents fit one hourly partition")
+        rng = random.Random(seed)
+        self._pool = [bson.encode(product(rng, i, WINDOW_START)) for i in range(min(pool, count))]
+        self._epoch_seconds = int((WINDOW_START - datetime(1970, 1, 1)).total_seconds())
+        self._docs: list[dict[str, Any]] | None = None
+
+    def preload(self) -> None:
+        """Decode every document now, so iterating costs nothing (throughput runs).
+
+        The documents are then frozen out of the garbage collector: millions of preloaded
+        objects would make every full collection rescan them, a cost a streaming cursor,
+        which holds one batch, never has.
+        """
+        self._docs = [self.document(i) for i in range(self.count)]
+        gc.collect()
+        gc.freeze()
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._pool)
+
+    def timestamp(self, i: int) -> datetime:
+        return WINDOW_START + timedelta(milliseconds=i * self.step_ms)
+
+    def document(self, i: int) -> dict[str, Any]:
+        if self._docs is not None:
+            return self._docs[i]
+        doc = bson.decode(self._pool[i % len(self._pool)])
+        doc["_id"] = ObjectId(self._epoch_seconds.to_bytes(4, "big") + i.to_bytes(8, "big"))
+        doc["sku"] = f"{doc['sku']}-{i:07d}"
+        doc[TIMESTAMP_FIELD] = self.timestamp(i)
+        return doc
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._docs is not None:
+            return iter(self._docs)
+        return map(self.document, range(self.count))
+
+
+@dataclass
+class WriteBackLog:
+    """What a collection received: counts and order checks, not the operations themselves."""
+
+    bulk_writes: int = 0
+    updates: int = 0
+    single_updates: int = 0
+    out_of_order: int = 0
+    last_id: Any = None
+
+
+class GeneratedCursor:
+    def __init__(self, collection: GeneratedCollection, start: datetime, end: datetime) -> None:
+        self._collection = collection
+        self._start, self._end = start, end
+
+    def batch_size(self, _n: int) -> GeneratedCursor:
+        return self
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        source = self._collection.source
+        on_document = self._collection.on_document
+        if source._docs is not None and on_document is None:
+            # Preloaded (throughput runs): in (updatedAt, _id) order, every one in the window.
+            if source.timestamp(0) < self._start or source.timestamp(source.count - 1) >= self._end:
+                raise NotImplementedError("preloaded documents must all be in the window")
+            self._collection.yielded += source.count
+            yield from source._docs
+            return
+        for i in range(source.count):
+            ts = source.timestamp(i)
+            if self._start <= ts < self._end:
+                self._collection.yielded += 1
+                if on_document is not None:
+                    on_document(self._collection.yielded)
+                yield source.document(i)
+
+    def close(self) -> None:
+        pass
+
+
+class GeneratedCollection:
+    """Just enough of a pymongo collection for extract → ingest over generated documents."""
+
+    def __init__(
+        self,
+        source: CatalogSource,
+        *,
+        on_document: Callable[[int], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.on_document = on_document
+        self.yielded = 0
+        self.log = WriteBackLog()
+
+    def find(self, filter: dict, projection: Any = None, sort: Any = None) -> GeneratedCursor:  # noqa: A002
+        window = filter.get(TIMESTAMP_FIELD)
+        if not isinstance(window, dict) or set(window) != {"$gte", "$lt"}:
+            raise NotImplementedError(f"only the plain window filter is generated, got {filter}")
+        return GeneratedCursor(self, window["$gte"], window["$lt"])
+
+    def bulk_write(self, ops: list, ordered: bool = True) -> None:
+        log = self.log
+        log.bulk_writes += 1
+        log.updates += len(ops)
+        for op in ops:
+            doc_id = op._filter["_id"]
+            if log.last_id is not None and doc_id <= log.last_id:
+                log.out_of_order += 1
+            log.last_id = doc_id
+
+    def update_one(self, *_args: Any, **_kwargs: Any) -> None:
+        self.log.single_updates += 1
+
+    def update_many(self, *_args: Any, **_kwargs: Any) -> None:
+        self.log.single_updates += 1
+
+    def create_index(self, *_args: Any, **_kwargs: Any) -> str:
+        return "generated"
+
+
+class GeneratedDatabase(dict):
+    """`database[name]`: the generated collection, or an empty recorder for anything else."""
+
+    def __init__(self, collections: dict[str, GeneratedCollection]) -> None:
+        super().__init__(collections)
+
+    def __missing__(self, name: str) -> GeneratedCollection:
+        empty = GeneratedCollection(CatalogSource(1, pool=1))
+        empty.source.count = 0
+        self[name] = empty
+        return empty
+
+
+@contextlib.contextmanager
+def file_sandbox() -> Iterator[SandboxProcess]:
+    """One certyo-sandbox subprocess on a SQLite file in a fresh temp dir."""
+    with tempfile.TemporaryDirectory(prefix="certyo-bench-") as tmp:
+        config = SandboxConfig(db_path=os.path.join(tmp, "sandbox.db"))
+        with SandboxProcess(config) as sandbox:
+            yield sandbox
+
+
+def process_cpu_seconds(pid: int | None = None) -> float:
+    """User+system CPU seconds of a process (Linux /proc); this process when pid is None."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(field_name: str = "VmRSS") -> float:
+    """Resident memory of this process in MB (VmHWM is the peak so far)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@dataclass
+class Stopwatch:
+    """Wall and CPU time of a phase, for this process and optionally the sandbox."""
+
+    server_pid: int | None = None
+    wall: float = 0.0
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    _marks: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0), repr=False)
+
+    def __enter__(self) -> Stopwatch:
+        server = process_cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        self._marks = (time.perf_counter(), process_cpu_seconds(), server)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        wall, client, server = self._marks
+        self.wall = time.perf_counter() - wall
+        self.client_cpu = process_cpu_seconds() - client
+        if self.server_pid:
+            self.server_cpu = process_cpu_seconds(self.server_pid) - server
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """`benchmarks/results/<name>-<UTC time>.json` with the command and the machine."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
+    document = {
+        "benchmark": name,
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "machine": machine(),
+        **result,
+    }
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    return path
