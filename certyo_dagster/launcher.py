@@ -93,6 +93,19 @@ class Stack:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes.values()]
 
+    def graphql(self, query: str, **variables: object) -> dict:
+        """Ask the webserver's GraphQL API; raises on transport or GraphQL errors."""
+        response = requests.post(
+            f"{self.dagster_url}/graphql",
+            json={"query": query, "variables": variables},
+            timeout=30,
+        )
+        response.raise_for_status()
+        body = response.json()
+        if body.get("errors"):
+            raise RuntimeError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
     def wait_for_webserver(
         self, timeout: float = 120.0, stop: threading.Event | None = None
     ) -> bool:

@@ -15,8 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
+from certyo_dagster.demo.browser import chromium_binary, run_chromium
 from certyo_dagster.launcher import Stack, free_port, start_stack
 
 LOCATION = "certyo_dagster"
@@ -24,34 +23,15 @@ PAGES = {
     "lineage.png": f"/locations/{LOCATION}/asset-groups/products/lineage",
     "partitions.png": "/assets/productdb/products/changed_documents?view=partitions",
 }
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1600,1000",
-    "--virtual-time-budget=15000",
-]
 STATUS_QUERY = """{
   assetNodes { assetKey { path } partitionStats { numMaterialized numPartitions }
                assetMaterializations(limit: 1) { timestamp } }
 }"""
 
 
-def graphql(stack: Stack, query: str) -> dict:
-    body = requests.post(f"{stack.dagster_url}/graphql", json={"query": query}, timeout=30).json()
-    if "errors" in body:
-        raise RuntimeError(body["errors"])
-    return body["data"]
-
-
 def pipeline_has_run(stack: Stack) -> bool:
     """Every partition of changed_documents materialized, and anchoring_status once."""
-    nodes = {"/".join(n["assetKey"]["path"]): n for n in graphql(stack, STATUS_QUERY)["assetNodes"]}
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in stack.graphql(STATUS_QUERY)["assetNodes"]}
     changed = nodes.get("productdb/products/changed_documents")
     anchoring = nodes.get("productdb/products/anchoring_status")
     if not changed or not anchoring:
@@ -63,16 +43,10 @@ def pipeline_has_run(stack: Stack) -> bool:
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    binary = chromium_binary()
     if binary is None:
         sys.exit("chromium is not installed: apt-get update && apt-get install -y chromium")
-    return subprocess.run(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_chromium(binary, *args, profile=profile)
 
 
 def main(out_dir: str = "docs") -> int:
@@ -93,7 +67,7 @@ def main(out_dir: str = "docs") -> int:
                 print("warning: the pipeline has not run everywhere yet", file=sys.stderr)
                 break
             time.sleep(5)
-        graphql(stack, "mutation { setNuxSeen }")  # hide the first-visit newsletter dialog
+        stack.graphql("mutation { setNuxSeen }")  # hide the first-visit newsletter dialog
         for name, path in PAGES.items():
             with tempfile.TemporaryDirectory() as profile:
                 dom = chromium("--dump-dom", stack.dagster_url + path, profile=Path(profile))

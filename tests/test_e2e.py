@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
+from certyo_dagster.demo.browser import chromium_binary, run_chromium
 from certyo_dagster.extract import HOUR_FORMAT
 from certyo_dagster.launcher import Stack, free_port, start_stack
 from certyo_dagster.source import close_all_clients, open_client
@@ -35,18 +34,6 @@ ASSETS = [
     "productdb/products/tamper_audit",
 ]
 PARTITIONED = ASSETS[1:4]
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1600,1000",
-    "--virtual-time-budget=15000",
-]
 
 
 def _clean_environ() -> dict[str, str]:
@@ -89,22 +76,11 @@ def stack() -> Iterator[Stack]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def graphql(stack: Stack, query: str, **variables: Any) -> dict:
-    response = requests.post(
-        f"{stack.dagster_url}/graphql", json={"query": query, "variables": variables}, timeout=30
-    )
-    response.raise_for_status()
-    body = response.json()
-    assert "errors" not in body, body["errors"]
-    return body["data"]
-
-
 def _wait_for_location(stack: Stack) -> list[dict]:
     """Asset nodes, once the code location has loaded (the webserver answers earlier)."""
     deadline = time.monotonic() + 90
     while True:
-        nodes = graphql(
-            stack,
+        nodes = stack.graphql(
             "{ assetNodes { assetKey { path } isPartitioned partitionKeys groupName } }",
         )["assetNodes"]
         if nodes or time.monotonic() > deadline:
@@ -133,8 +109,7 @@ def test_asset_graph_and_partitions_are_served(stack: Stack) -> None:
 
 
 def test_sensor_and_schedules_run_by_default_in_demo_mode(stack: Stack) -> None:
-    repos = graphql(
-        stack,
+    repos = stack.graphql(
         """{ repositoriesOrError { ... on RepositoryConnection { nodes {
              location { name }
              sensors { name sensorState { status } }
@@ -150,8 +125,7 @@ def test_sensor_and_schedules_run_by_default_in_demo_mode(stack: Stack) -> None:
 
 def test_a_run_launched_through_graphql_ships_its_partition(stack: Stack) -> None:
     partition = _expected_partitions(stack)[0]  # seeded data only; churn writes to later hours
-    launched = graphql(
-        stack,
+    launched = stack.graphql(
         """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
              __typename ... on LaunchRunSuccess { run { runId } }
              ... on PythonError { message } ... on RunConfigValidationInvalid { errors { message } }
@@ -171,8 +145,8 @@ def test_a_run_launched_through_graphql_ships_its_partition(stack: Stack) -> Non
     status, deadline = "QUEUED", time.monotonic() + 180
     while status not in {"SUCCESS", "FAILURE", "CANCELED"} and time.monotonic() < deadline:
         time.sleep(2)
-        status = graphql(
-            stack, "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", id=run_id
+        status = stack.graphql(
+            "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", id=run_id
         )["runOrError"]["status"]
     assert status == "SUCCESS", stack.log_tail("dagster")
 
@@ -196,20 +170,14 @@ def test_a_run_launched_through_graphql_ships_its_partition(stack: Stack) -> Non
 
 
 def test_lineage_page_shows_the_assets_in_a_browser(stack: Stack, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = chromium_binary()
     if chromium is None:
         pytest.skip(
             "chromium is not installed (apt-get install -y chromium): browser check skipped"
         )
-    graphql(stack, "mutation { setNuxSeen }")  # the first-visit newsletter dialog
+    stack.graphql("mutation { setNuxSeen }")  # the first-visit newsletter dialog
     url = f"{stack.dagster_url}/locations/{LOCATION}/asset-groups/products/lineage"
-    dom = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    ).stdout
+    dom = run_chromium(chromium, "--dump-dom", url, profile=tmp_path / "profile").stdout
     for name in ("changed_documents", "certyo_records", "ingestion_receipts", "anchoring_status"):
         assert name in dom, f"{name} is not on the lineage page"
 
