@@ -6,7 +6,6 @@ and a new MongoClient each time would cost a connection handshake each time (pit
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,8 +15,9 @@ import pymongo
 from bson.codec_options import CodecOptions
 from pymongo.errors import DuplicateKeyError
 
-_clients: dict[str, Any] = {}
-_clients_lock = threading.Lock()
+from certyo_dagster.process_clients import ProcessClients
+
+_clients: ProcessClients[Any] = ProcessClients()
 
 EMBEDDED_SCHEME = "montydb://"
 
@@ -55,27 +55,20 @@ def open_database(client: Any, name: str) -> Any:
 
 def open_client(uri: str) -> Any:
     """A MongoClient-compatible client for `uri`, shared by everything in this process."""
-    with _clients_lock:
-        client = _clients.get(uri)
-        if client is None:
-            if uri.startswith(EMBEDDED_SCHEME):
-                from certyo_dagster.embedded import open_embedded_client
 
-                client = open_embedded_client(uri)
-            else:
-                client = pymongo.MongoClient(
-                    uri, tz_aware=False, connect=False, appname="certyo-dagster"
-                )
-            _clients[uri] = client
-        return client
+    def create() -> Any:
+        if uri.startswith(EMBEDDED_SCHEME):
+            from certyo_dagster.embedded import open_embedded_client
+
+            return open_embedded_client(uri)
+        return pymongo.MongoClient(uri, tz_aware=False, connect=False, appname="certyo-dagster")
+
+    return _clients.get(uri, create)
 
 
 def close_all_clients() -> None:
     """Close every cached client (tests and process shutdown)."""
-    with _clients_lock:
-        for client in _clients.values():
-            client.close()
-        _clients.clear()
+    _clients.close_all()
 
 
 def upsert_with_retry(

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 
 import dagster as dg
 from pydantic import Field
 
 from certyo_dagster.certyo.client import CertyoClient
+from certyo_dagster.process_clients import ProcessClients
 
 INSECURE_HTTP_ENV = "CERTYO_ALLOW_INSECURE_HTTP"
 
-_clients: dict[tuple, CertyoClient] = {}
-_clients_lock = threading.Lock()
+_clients: ProcessClients[CertyoClient] = ProcessClients()
 
 
 def insecure_http_from_env() -> bool:
@@ -90,17 +89,12 @@ class CertyoResource(dg.ConfigurableResource):
         # The cache key holds a digest of the key, not the key itself.
         key_digest = hashlib.sha256(self.api_key.encode()).hexdigest()
         cache_key = (self.base_url, key_digest, self.tenant_id, *sorted(settings.items()))
-        with _clients_lock:
-            client = _clients.get(cache_key)
-            if client is None:
-                client = CertyoClient(self.base_url, self.api_key, self.tenant_id, **settings)
-                _clients[cache_key] = client
-            return client
+        return _clients.get(
+            cache_key,
+            lambda: CertyoClient(self.base_url, self.api_key, self.tenant_id, **settings),
+        )
 
 
 def close_all_clients() -> None:
     """Close and forget every cached client (tests and process shutdown)."""
-    with _clients_lock:
-        for client in _clients.values():
-            client.close()
-        _clients.clear()
+    _clients.close_all()
