@@ -1,0 +1,138 @@
+"""Verification throughput: pending documents verified per second, bounded concurrency vs one
+call at a time (how the reference verification worker works), in the same run.
+
+Both phases run the real `PendingVerifier` (select pending → verify call → re-hash and Merkle
+proof check → conditional write-back) against one certyo-sandbox subprocess; only
+`max_in_flight` differs. Documents are demo-catalog products, ingested first and anchored
+(the sandbox flushes every 1000 records). The MongoDB side is mongomock with the test
+suite's `_id` lookup shim (tests/fixtures/mongo.py); its cost is in both phases alike.
+
+Loopback has no network latency, which is what concurrency hides; `--latency-ms` (default
+20, a typical round trip to a hosted API) makes the sandbox hold each verify response that
+long after answering it, through its fault-injection `delay`. `--latency-ms 0` measures the
+CPU-bound case.
+
+    .venv/bin/python benchmarks/verify_throughput.py [--documents 2000] [--repeat 3]
+        [--latency-ms 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import mongomock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+import fixtures.mongo  # noqa: E402,F401  (mongomock shims: bulk_write arguments, _id lookup)
+from _common import (  # noqa: E402
+    API_KEY,
+    TENANT,
+    CatalogSource,
+    Stopwatch,
+    median,
+    spec_for,
+    write_result,
+)
+
+from certyo_dagster.certyo.client import CertyoClient  # noqa: E402
+from certyo_dagster.sandbox.config import SandboxConfig  # noqa: E402
+from certyo_dagster.sandbox.server import SandboxProcess  # noqa: E402
+from certyo_dagster.sanitize import to_certyo_record, version_ms  # noqa: E402
+from certyo_dagster.verify import PendingVerifier  # noqa: E402
+
+PHASES = {"sequential (reference worker)": 1, "certyo_dagster (8 in flight)": 8}
+
+
+def pending_collection(client: CertyoClient, name: str, count: int):
+    """`count` catalog documents, ingested into Certyo and marked pending as ingestion would."""
+    spec = spec_for(name)
+    source = CatalogSource(count)
+    docs = [source.document(i) for i in range(count)]
+    results = client.ingest_bulk([to_certyo_record(d, spec, TENANT) for d in docs])
+    now = datetime.utcnow()
+    for doc, result in zip(docs, results, strict=True):
+        doc.update(
+            certyo_status="pending",
+            certyo_record_hash=result["recordHash"],
+            certyo_version=version_ms(doc[spec.timestamp_field]),
+            certyo_ingested_at=now,
+        )
+    collection = mongomock.MongoClient()["productdb"][name]
+    collection.insert_many(docs)
+    return spec, collection
+
+
+@contextlib.contextmanager
+def latency_sandbox():
+    """A sandbox subprocess on a temp SQLite file, with fault injection for the latency."""
+    with tempfile.TemporaryDirectory(prefix="certyo-bench-") as tmp:
+        config = SandboxConfig(db_path=os.path.join(tmp, "sandbox.db"), enable_fault_injection=True)
+        with SandboxProcess(config) as sandbox:
+            yield sandbox
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=2000, help="a multiple of 1000")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    args = parser.parse_args()
+    if args.documents % 1000:
+        parser.error("--documents must be a multiple of 1000 (the sandbox anchors per 1000)")
+
+    runs: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    with latency_sandbox() as sandbox:
+        client = CertyoClient(sandbox.base_url, API_KEY, TENANT, pool_maxsize=16)
+        for repeat in range(args.repeat):
+            for phase, in_flight in PHASES.items():
+                name = f"verify_r{repeat}_{in_flight}"
+                spec, collection = pending_collection(client, name, args.documents)
+                verifier = PendingVerifier(
+                    collection=collection, spec=spec, client=client, max_in_flight=in_flight
+                )
+                sandbox.clear_faults()
+                if args.latency_ms:
+                    delay = {"action": "delay", "seconds": args.latency_ms / 1000}
+                    sandbox.script_faults(
+                        [{**delay, "path": "/api/v1/verify/record", "times": args.documents}]
+                    )
+                with Stopwatch() as watch:
+                    report = verifier.run()
+                if report.anchored != args.documents:
+                    raise SystemExit(f"{phase}: only {report.anchored} anchored: {report}")
+                runs[phase].append(args.documents / watch.wall)
+                print(f"run {repeat + 1} {phase}: {args.documents / watch.wall:,.0f} docs/s")
+
+    medians = {phase: median(values) for phase, values in runs.items()}
+    sequential, concurrent = medians.values()
+    print(
+        f"\nverified and written back, medians of {args.repeat} runs, {args.documents} docs, "
+        f"{args.latency_ms:g} ms simulated latency per verify call:"
+    )
+    for phase, value in medians.items():
+        print(f"  {phase:32s} {value:8,.0f} docs/s")
+    print(f"  ratio certyo_dagster / sequential: {concurrent / sequential:.2f}")
+    print("  MongoDB side: mongomock with the test suite's _id lookup, in both phases")
+    path = write_result(
+        "verify_throughput",
+        {
+            "documents": args.documents,
+            "latency_ms": args.latency_ms,
+            "runs_docs_per_second": runs,
+            "median_docs_per_second": medians,
+            "ratio_concurrent_over_sequential": concurrent / sequential,
+        },
+    )
+    print(f"  result: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
