@@ -19,17 +19,16 @@ CPU-bound case.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
 import mongomock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-
 import fixtures.mongo  # noqa: E402,F401  (mongomock shims: bulk_write arguments, _id lookup)
 from _common import (  # noqa: E402
     API_KEY,
