@@ -447,3 +447,27 @@ def test_pitfall_unbounded_memory__the_ingestor_reads_at_most_in_flight_plus_one
 
     assert report.accepted == 2_000 and report.batches == 40
     assert state["max_ahead"] <= 3 + 1
+
+
+def test_the_keyset_index_is_created_unless_configured_off(pipeline, mongo, sandbox):
+    pipeline.db["products"].insert_one(_product(1, hour(18, 1)))
+    assert pipeline.materialize(pk(18), config={"create_indexes": False}).success
+    assert "certyo_updatedAt_id" not in pipeline.db["products"].index_information()
+
+    assert pipeline.materialize(pk(18)).success
+    indexes = pipeline.db["products"].index_information()
+    assert indexes["certyo_updatedAt_id"]["key"] == [("updatedAt", 1), ("_id", 1)]
+    assert indexes["certyo_status"]["key"] == [("certyo_status", 1)]
+
+
+def test_documents_without_a_timestamp_are_counted_and_flagged(pipeline):
+    products = pipeline.db["products"]
+    products.insert_many([_product(i, hour(19, i)) for i in range(3)])
+    products.insert_many([{"_id": f"untimed-{i}", "name": "no updatedAt"} for i in range(2)])
+
+    result = pipeline.materialize(pk(19))
+
+    assert result.success
+    check = _check(result, "all_documents_timestamped")
+    assert not check.passed and check.metadata["untimestamped_documents"].value == 2
+    assert _metadata(result, "changed_documents")["untimestamped_documents"] == 2
