@@ -471,3 +471,24 @@ def test_documents_without_a_timestamp_are_counted_and_flagged(pipeline):
     check = _check(result, "all_documents_timestamped")
     assert not check.passed and check.metadata["untimestamped_documents"].value == 2
     assert _metadata(result, "changed_documents")["untimestamped_documents"] == 2
+
+
+def test_long_partitions_log_progress_every_n_batches(pipeline):
+    pipeline.db["products"].insert_many(
+        [_product(i, hour(20, i % 60, i // 60)) for i in range(250)]
+    )
+    lines: list[str] = []
+
+    WindowIngestor(
+        database=pipeline.db,
+        spec=pipeline.spec(),
+        client=pipeline.resources["certyo"].get_client(),
+        tenant_id="tenant-a",
+        run_id="test-run",
+        batch_size=50,
+        progress_every=2,
+        log=lines.append,
+    ).run(hour(20), hour(21))
+
+    assert len(lines) == 2  # after batches 2 and 4 of 5
+    assert lines[0].startswith("products: 100 documents read")
