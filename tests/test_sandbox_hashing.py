@@ -87,3 +87,38 @@ def test_record_hash_is_sha256_of_rfc8785_bytes():
     payload = {"b": [1, "x", None, True], "a": {"é": "\u2028"}, "price": "19.99"}
     expected = "sha256:" + hashlib.sha256(rfc8785.dumps(payload)).hexdigest()
     assert record_hash(payload) == expected
+
+
+# Integral floats are fixed up in orjson's bytes ("50.0," -> "50,"), which is only exact
+# when no string holds the same bytes; these strings are made to hold them.
+FLOAT_LOOKALIKES = st.text(st.sampled_from([".", "0", "1", ",", "]", "}", "-", "a"]), max_size=8)
+INTEGRAL_MIX = st.recursive(
+    st.one_of(
+        st.integers(-(10**6), 10**6).map(float),
+        st.sampled_from([0.0, -0.0, 1.5, 2.0**52]),
+        FLOAT_LOOKALIKES,
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(FLOAT_LOOKALIKES, inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(INTEGRAL_MIX)
+def test_integral_floats_next_to_lookalike_strings_match_rfc8785(value):
+    assert our_outcome(value) == rfc8785_outcome(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"price": 50.0, "note": "was 40.0, now 50.0]"},
+        {"a.0}": 1.0, "b": [2.0, -0.0, 0.0]},
+        [10.0, 1.05, "x.0]"],
+        50.0,
+    ],
+)
+def test_integral_float_fixups_never_touch_strings(value):
+    assert canonical_json(value) == rfc8785.dumps(value)

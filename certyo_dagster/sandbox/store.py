@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_by_id
     ON records (tenant, database, collection, record_id, seq);
-CREATE INDEX IF NOT EXISTS records_by_tenant ON records (tenant, seq);
 -- Accepted records not yet in a batch. Kept apart from `records` so that flushing never
 -- rewrites the large record rows.
 CREATE TABLE IF NOT EXISTS pending (
@@ -325,7 +324,15 @@ class SandboxStore:
     ) -> tuple[list[dict[str, Any]], int | None]:
         """One page of a tenant's records in insertion order, and the last seq if more follow."""
         columns = {"database": "database", "collection": "collection", "recordId": "record_id"}
-        sql = "SELECT seq, body, record_hash, accepted_at FROM records WHERE tenant = ? AND seq > ?"
+        # Unless the filters pin one record (records_by_id then yields its versions in seq
+        # order), walk seq order and filter: "+tenant" keeps SQLite from using the index
+        # for tenant alone and sorting the tenant's every record. A tenant index would
+        # make every insert pay for this paginated read.
+        tenant_term = "tenant" if len(filters) == len(columns) else "+tenant"
+        sql = (
+            "SELECT seq, body, record_hash, accepted_at FROM records"  # noqa: S608
+            f" WHERE {tenant_term} = ? AND seq > ?"
+        )
         params: list[Any] = [tenant, after_seq]
         for name, value in filters.items():
             sql += f" AND {columns[name]} = ?"

@@ -95,20 +95,21 @@ def validate_record(
     `tenant_mismatch` is True when the only problem is a tenantId other than the key's,
     which the caller answers with 403 rather than 400.
     """
-    prefix = "" if index is None else f"records[{index}]."
     errors: list[FieldError] = []
 
     def fail(name: str, message: str) -> None:
+        prefix = "" if index is None else f"records[{index}]."
         errors.append(FieldError(prefix + name, message, index))
 
     if not isinstance(raw, dict):
-        where = prefix.rstrip(".") or "body"
+        where = "body" if index is None else f"records[{index}]"
         message = f"a record must be a JSON object, got {_json_type(raw)}"
         return None, [FieldError(where, message, index)], False
 
-    for name in raw:
-        if name not in RECORD_FIELDS:
-            fail(name, f"unknown field {name!r}; allowed: {', '.join(sorted(RECORD_FIELDS))}")
+    if not RECORD_FIELDS.issuperset(raw):
+        for name in raw:
+            if name not in RECORD_FIELDS:
+                fail(name, f"unknown field {name!r}; allowed: {', '.join(sorted(RECORD_FIELDS))}")
 
     record: dict[str, Any] = {}
     for name in REQUIRED_STRING_FIELDS:
