@@ -289,6 +289,11 @@ def iso_utc(ts: datetime) -> str:
     which matches what MongoDB stores.
     """
     if ts.tzinfo is None:
+        if type(ts) is datetime:
+            # Plain isoformat() is about twice as fast as timespec="milliseconds"; cutting
+            # the microseconds to three digits truncates exactly as that does.
+            text = ts.isoformat()
+            return (text[:23] if ts.microsecond else text + ".000") + _UTC_SUFFIX
         return ts.isoformat(timespec="milliseconds") + _UTC_SUFFIX
     offset = ts.utcoffset()
     if offset is None:
@@ -331,36 +336,52 @@ def _too_deep() -> PoisonDocumentError:
     )
 
 
+# Field names repeat from document to document, so a name that passed `_key` once is looked up
+# instead of checked again. Top-level names live apart: only there are `certyo_*` names dropped
+# (and never remembered). Bounded, so odd collections cannot grow them without limit.
+_KNOWN_KEYS: set[str] = set()
+_KNOWN_TOP_KEYS: set[str] = set()
+_MAX_KNOWN_KEYS = 10_000
+_MAX_KNOWN_KEY_LENGTH = 100
+
+
+def _remember(known: set[str], key: str) -> None:
+    if len(known) < _MAX_KNOWN_KEYS and len(key) <= _MAX_KNOWN_KEY_LENGTH:
+        known.add(key)
+
+
 def _object(mapping: Mapping, budget: int, drop_certyo: bool = False) -> dict:
     if budget < 0:
         raise _too_deep()
+    known = _KNOWN_TOP_KEYS if drop_certyo else _KNOWN_KEYS
     out = {}
     key = None
     try:
         for key, value in mapping.items():
-            if type(key) is not str or not key.isascii():
+            if type(key) is not str or key not in known:
                 key = _key(key)
-            if drop_certyo and key.startswith(CERTYO_FIELD_PREFIX):
-                continue
+                if drop_certyo and key.startswith(CERTYO_FIELD_PREFIX):
+                    continue
+                _remember(known, key)
             cls = type(value)
             if cls is str:
                 if not value.isascii():
                     _check_text(value)
                 out[key] = value
+                continue
+            scalar = _SCALARS.get(cls)
+            if scalar is not None:
+                out[key] = scalar(value)
             elif cls is int:
                 out[key] = value if _MIN_SAFE_INT <= value <= _MAX_SAFE_INT else str(value)
-            elif cls is dict:
-                out[key] = _object(value, budget - 1)
             elif cls is float:
                 out[key] = value if -_INF < value < _INF else _float(value)
+            elif cls is dict:
+                out[key] = _object(value, budget - 1)
             elif cls is list:
                 out[key] = _array(value, budget - 1)
             elif value is None or cls is bool:
                 out[key] = value
-            elif cls is datetime:
-                out[key] = iso_utc(value)
-            elif cls is ObjectId:
-                out[key] = str(value)
             else:
                 out[key] = _other(value, budget)
     except PoisonDocumentError as exc:
@@ -383,20 +404,20 @@ def _array(items: list | tuple, budget: int) -> list:
                 if not value.isascii():
                     _check_text(value)
                 append(value)
-            elif cls is int:
-                append(value if _MIN_SAFE_INT <= value <= _MAX_SAFE_INT else str(value))
+                continue
+            scalar = _SCALARS.get(cls)
+            if scalar is not None:
+                append(scalar(value))
             elif cls is dict:
                 append(_object(value, budget - 1))
+            elif cls is int:
+                append(value if _MIN_SAFE_INT <= value <= _MAX_SAFE_INT else str(value))
             elif cls is float:
                 append(value if -_INF < value < _INF else _float(value))
             elif cls is list:
                 append(_array(value, budget - 1))
             elif value is None or cls is bool:
                 append(value)
-            elif cls is datetime:
-                append(iso_utc(value))
-            elif cls is ObjectId:
-                append(str(value))
             else:
                 append(_other(value, budget))
     except PoisonDocumentError as exc:
@@ -462,6 +483,18 @@ _BY_TYPE: dict[type, Any] = {
     DBRef: lambda v, b: _object(_dbref_doc(v), b - 1),
     MinKey: lambda v, b: {"$minKey": 1},
     MaxKey: lambda v, b: {"$maxKey": 1},
+}
+
+
+# Exact types whose form needs no nesting budget, called straight from the container loops.
+_SCALARS: dict[type, Any] = {
+    datetime: iso_utc,
+    ObjectId: ObjectId.__str__,
+    Decimal128: _decimal128,
+    Binary: _binary,
+    bytes: _base64,
+    Int64: _int,
+    uuid.UUID: uuid.UUID.__str__,
 }
 
 
