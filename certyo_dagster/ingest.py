@@ -36,6 +36,7 @@ from certyo_dagster.sanitize import (
     document_version,
     iso_utc,
     record_id_of,
+    version_ms,
 )
 from certyo_dagster.source import upsert_with_retry
 
@@ -125,6 +126,7 @@ class _Pending:
 
     future: Future
     docs: list[dict]
+    timestamps: list[Any]  # each doc's timestamp value, the write-back's condition
     records: list[EncodedRecord]
     last_key: VersionKey
 
@@ -196,9 +198,11 @@ class WindowIngestor:
                     batch_key = self._key(docs[-1])
                     to_ship = self._prepare(docs, report)
                     if to_ship:
-                        ship_docs, records = to_ship
+                        ship_docs, timestamps, records = to_ship
                         future = pool.submit(self._ship, records)
-                        in_flight.append(_Pending(future, ship_docs, records, batch_key))
+                        in_flight.append(
+                            _Pending(future, ship_docs, timestamps, records, batch_key)
+                        )
                     elif not in_flight:
                         report.acknowledged_through = batch_key
                     while len(in_flight) >= self.max_in_flight:
@@ -231,38 +235,64 @@ class WindowIngestor:
 
     def _prepare(
         self, docs: list[dict], report: IngestReport
-    ) -> tuple[list[dict], list[EncodedRecord]] | None:
+    ) -> tuple[list[dict], list[Any], list[EncodedRecord]] | None:
         ship_docs: list[dict] = []
+        timestamps: list[Any] = []
         records: list[EncodedRecord] = []
         encode = self._encoder.encode
-        for doc in docs:
-            report.extracted += 1
-            ts = timestamp_of(doc, self.spec)
-            if isinstance(ts, datetime):
-                if report.min_ts is None or ts < report.min_ts:
-                    report.min_ts = ts
-                if report.max_ts is None or ts > report.max_ts:
-                    report.max_ts = ts
-            try:
-                version = document_version(doc, self.spec)
-            except PoisonDocumentError as exc:
-                self._dead_letter(doc, None, exc.reason, str(exc), "sanitize", report)
-                continue
-            if not self.force and is_acknowledged(doc, version, ts, self.handoff_before):
-                report.skipped_acknowledged += 1
-                continue
-            try:
-                # Encoded once, here; the bulk body only joins these bytes.
-                record = encode(doc)
-            except PoisonDocumentError as exc:
-                self._dead_letter(doc, version, exc.reason, str(exc), "sanitize", report)
-                continue
-            records.append(record)
-            ship_docs.append(doc)
+        spec = self.spec
+        field_name = spec.timestamp_field
+        plain_field = "." not in field_name
+        check_acknowledged = not self.force
+        handoff_before = self.handoff_before
+        # Counted in locals (this loop runs once per document) and stored even if a dead
+        # letter's write fails half way through the batch.
+        extracted = 0
+        min_ts, max_ts = report.min_ts, report.max_ts
+        try:
+            for doc in docs:
+                extracted += 1
+                ts = (
+                    doc.get(field_name)
+                    if plain_field and type(doc) is dict
+                    else timestamp_of(doc, spec)
+                )
+                if isinstance(ts, datetime):
+                    if min_ts is None or ts < min_ts:
+                        min_ts = ts
+                    if max_ts is None or ts > max_ts:
+                        max_ts = ts
+                    version = version_ms(ts)  # what document_version reads from the same field
+                else:
+                    try:
+                        version = document_version(doc, spec)
+                    except PoisonDocumentError as exc:
+                        self._dead_letter(doc, None, exc.reason, str(exc), "sanitize", report)
+                        continue
+                if (
+                    check_acknowledged
+                    # is_acknowledged is False without either of these; skip the call then.
+                    and ("certyo_version" in doc or handoff_before is not None)
+                    and is_acknowledged(doc, version, ts, handoff_before)
+                ):
+                    report.skipped_acknowledged += 1
+                    continue
+                try:
+                    # Encoded once, here; the bulk body only joins these bytes.
+                    record = encode(doc)
+                except PoisonDocumentError as exc:
+                    self._dead_letter(doc, version, exc.reason, str(exc), "sanitize", report)
+                    continue
+                records.append(record)
+                ship_docs.append(doc)
+                timestamps.append(ts)
+        finally:
+            report.extracted += extracted
+            report.min_ts, report.max_ts = min_ts, max_ts
         if not records:
             return None
         report.sent += len(records)
-        return ship_docs, records
+        return ship_docs, timestamps, records
 
     # -- shipping (worker threads) ---------------------------------------------------------
 
@@ -343,52 +373,67 @@ class WindowIngestor:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         updates = []
         resolved_ids = []
-        for i, (doc, record) in enumerate(zip(pending.docs, pending.records, strict=True)):
-            result = shipped.results[i]
-            version = record.version
-            if result is None:
-                reason = shipped.rejected.get(i, "rejected by Certyo")
-                self._dead_letter(doc, version, "certyo_validation", reason, "ingest", report)
-                continue
-            if result.get("idempotencyReplayed"):
-                report.replayed += 1
-            else:
-                report.accepted += 1
-            if len(report.preview) < PREVIEW_ROWS:
-                report.preview.append(
-                    {
-                        "recordId": record.record_id,
-                        "recordVersion": str(record.version),
-                        "sourceTimestamp": record.source_timestamp,
-                        "recordHash": result.get("recordHash"),
-                        "replayed": bool(result.get("idempotencyReplayed")),
-                    }
-                )
-            record_hash = result.get("recordHash")
-            if (
-                doc.get("certyo_status") == "anchored"
-                and doc.get("certyo_version") == version
-                and doc.get("certyo_record_hash") == record_hash
+        results = shipped.results
+        preview = report.preview
+        ts_field = self.spec.timestamp_field
+        # Counted in locals (this loop runs once per document), stored even if a dead
+        # letter's write fails half way through.
+        accepted = replayed = 0
+        try:
+            for i, (doc, ts, record) in enumerate(
+                zip(pending.docs, pending.timestamps, pending.records, strict=True)
             ):
-                continue  # a forced replay of an anchored version changes nothing
-            if doc.get("certyo_status") == "rejected":
-                resolved_ids.append(doc["_id"])
-            updates.append(
-                UpdateOne(
-                    # Only if the document is still this version: a newer edit is never
-                    # labelled with an older version's hash.
-                    {"_id": doc["_id"], self.spec.timestamp_field: timestamp_of(doc, self.spec)},
-                    {
-                        "$set": {
-                            "certyo_status": "pending",
-                            "certyo_record_hash": record_hash,
-                            "certyo_version": version,
-                            "certyo_ingested_at": now,
+                result = results[i]
+                version = record.version
+                if result is None:
+                    reason = shipped.rejected.get(i, "rejected by Certyo")
+                    self._dead_letter(doc, version, "certyo_validation", reason, "ingest", report)
+                    continue
+                was_replayed = result.get("idempotencyReplayed")
+                if was_replayed:
+                    replayed += 1
+                else:
+                    accepted += 1
+                record_hash = result.get("recordHash")
+                if len(preview) < PREVIEW_ROWS:
+                    preview.append(
+                        {
+                            "recordId": record.record_id,
+                            "recordVersion": str(version),
+                            "sourceTimestamp": record.source_timestamp,
+                            "recordHash": record_hash,
+                            "replayed": bool(was_replayed),
+                        }
+                    )
+                status = doc.get("certyo_status")
+                if status is not None:
+                    if (
+                        status == "anchored"
+                        and doc.get("certyo_version") == version
+                        and doc.get("certyo_record_hash") == record_hash
+                    ):
+                        continue  # a forced replay of an anchored version changes nothing
+                    if status == "rejected":
+                        resolved_ids.append(doc["_id"])
+                updates.append(
+                    UpdateOne(
+                        # Only if the document is still this version: a newer edit is never
+                        # labelled with an older version's hash.
+                        {"_id": doc["_id"], ts_field: ts},
+                        {
+                            "$set": {
+                                "certyo_status": "pending",
+                                "certyo_record_hash": record_hash,
+                                "certyo_version": version,
+                                "certyo_ingested_at": now,
+                            },
+                            "$unset": _UNSET_VERIFICATION,
                         },
-                        "$unset": _UNSET_VERIFICATION,
-                    },
+                    )
                 )
-            )
+        finally:
+            report.accepted += accepted
+            report.replayed += replayed
         if updates:
             _bulk_update(self.collection, updates)
         if resolved_ids:
