@@ -627,7 +627,8 @@ def _record_parts(
         raise
     try:
         ts = _timestamp_of(doc, spec)
-        payload = sanitize_document(doc)
+        # sanitize_document without its argument checks: `doc` is a mapping, the depth default.
+        payload = _object(doc, DEFAULT_MAX_DEPTH, drop_certyo=True)
         payload_json = orjson.dumps(payload)
         if len(payload_json) > max_payload_bytes:
             raise PoisonDocumentError(
