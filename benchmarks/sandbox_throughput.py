@@ -10,7 +10,6 @@ The same run first measures one connection, then several, and prints both with t
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import orjson
 import requests
+from _common import process_cpu_seconds
 
 from certyo_dagster.sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
 from certyo_dagster.sandbox.server import SandboxProcess
@@ -79,16 +79,6 @@ def bulk_bodies(count: int, seed: int = 7) -> list[bytes]:
             )
         bodies.append(orjson.dumps({"tenantId": DEFAULT_TENANT, "records": records}))
     return bodies
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User+system CPU time of a process (Linux /proc), to separate server cost from noise."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(base_url: str, bodies: list[bytes], connections: int, seconds: float) -> tuple[float, int]:
