@@ -192,6 +192,9 @@ class GeneratedCollection:
     def update_many(self, *_args: Any, **_kwargs: Any) -> None:
         self.log.single_updates += 1
 
+    def find_one(self, *_args: Any, **_kwargs: Any) -> None:
+        return None  # no dead letters or cursors in a generated collection
+
     def create_index(self, *_args: Any, **_kwargs: Any) -> str:
         return "generated"
 

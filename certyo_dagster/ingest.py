@@ -179,12 +179,23 @@ class WindowIngestor:
         self.handoff_before = handoff_before
         self.log = log or (lambda _msg: None)
         self.progress_every = progress_every
+        self._open_letters = False
         self._bulk_prefix = b'{"tenantId":' + orjson.dumps(tenant_id) + b',"records":['
         self._encoder = CertyoRecordEncoder(spec, tenant_id, max_payload_bytes=max_payload_bytes)
 
     # -- the window loop -------------------------------------------------------------------
 
     def run(self, start: datetime, end: datetime) -> IngestReport:
+        # A newer version accepted for a dead-lettered document resolves its letter. The
+        # document usually still says `rejected`, but a whole-document replace drops our
+        # fields, so while any letter of the collection is open, every accepted document is
+        # checked (one query per batch; none at all when there are no open letters).
+        self._open_letters = (
+            self.dead_letters.find_one(
+                {"collection": self.spec.collection, "resolvedAt": None}, {"_id": 1}
+            )
+            is not None
+        )
         report = IngestReport(window_start=start, window_end=end)
         began = time.perf_counter()
         in_flight: deque[_Pending] = deque()
@@ -406,15 +417,14 @@ class WindowIngestor:
                         }
                     )
                 status = doc.get("certyo_status")
-                if status is not None:
-                    if (
-                        status == "anchored"
-                        and doc.get("certyo_version") == version
-                        and doc.get("certyo_record_hash") == record_hash
-                    ):
-                        continue  # a forced replay of an anchored version changes nothing
-                    if status == "rejected":
-                        resolved_ids.append(doc["_id"])
+                if (
+                    status == "anchored"
+                    and doc.get("certyo_version") == version
+                    and doc.get("certyo_record_hash") == record_hash
+                ):
+                    continue  # a forced replay of an anchored version changes nothing
+                if status == "rejected" or self._open_letters:
+                    resolved_ids.append(doc["_id"])
                 updates.append(
                     UpdateOne(
                         # Only if the document is still this version: a newer edit is never

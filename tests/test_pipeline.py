@@ -492,3 +492,21 @@ def test_long_partitions_log_progress_every_n_batches(pipeline):
 
     assert len(lines) == 2  # after batches 2 and 4 of 5
     assert lines[0].startswith("products: 100 documents read")
+
+
+def test_a_dead_letter_is_resolved_by_a_newer_version_even_after_a_whole_document_replace(
+    pipeline,
+):
+    products = pipeline.db["products"]
+    products.insert_one({"_id": "big", "updatedAt": hour(21, 5), "blob": "x" * 2_000_000})
+    assert pipeline.materialize(pk(21)).success
+    assert pipeline.db["_certyo_dead_letters"].find_one()["resolvedAt"] is None
+
+    # The application replaces the whole document: our certyo_* fields are gone with it.
+    products.replace_one({"_id": "big"}, {"_id": "big", "updatedAt": hour(21, 9), "blob": "x"})
+    result = pipeline.materialize(pk(21))
+
+    assert result.success
+    assert pipeline.db["_certyo_dead_letters"].find_one()["resolvedAt"] is not None
+    assert _check(result, "no_dead_letters").passed
+    assert products.find_one({"_id": "big"})["certyo_status"] == "pending"
