@@ -16,6 +16,7 @@ import pytest
 from bson import Binary, Int64, ObjectId, decode, encode
 from bson.codec_options import CodecOptions
 from fixtures.ledger import drive, reconfigured
+from fixtures.mongo import WrappedDatabase
 from fixtures.pipeline import hour
 
 from certyo_dagster.source import MongoResource
@@ -34,47 +35,13 @@ def _as_a_real_server_returns_it(doc: dict) -> dict:
     return decode(raw, RAW_DECODE)
 
 
-class _RawCursor:
-    def __init__(self, cursor):
-        self._cursor = cursor
-
-    def batch_size(self, size):
-        self._cursor = self._cursor.batch_size(size)
-        return self
-
-    def close(self):
-        self._cursor.close()
-
-    def __iter__(self):
-        return (_as_a_real_server_returns_it(d) for d in self._cursor)
-
-
-class _RawCollection:
-    def __init__(self, collection):
-        self._collection = collection
-
-    def find(self, *args, **kwargs):
-        return _RawCursor(self._collection.find(*args, **kwargs))
-
-    def __getattr__(self, name):
-        return getattr(self._collection, name)
-
-
-class _RawDatabase:
-    def __init__(self, database):
-        self._database = database
-
-    def __getitem__(self, name):
-        collection = self._database[name]
-        return _RawCollection(collection) if name == "products" else collection
-
-    def __getattr__(self, name):
-        return getattr(self._database, name)
+def _raw_documents(docs):
+    return (_as_a_real_server_returns_it(d) for d in docs)
 
 
 class RawBytesMongoResource(MongoResource):
     def get_database(self):
-        return _RawDatabase(super().get_database())
+        return WrappedDatabase(super().get_database(), "products", _raw_documents)
 
 
 def _nested(depth: int) -> dict:

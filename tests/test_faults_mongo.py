@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fixtures.ledger import change_history, drive, reconfigured
+from fixtures.mongo import WrappedDatabase
 from fixtures.pipeline import hour
 from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
@@ -18,53 +19,19 @@ from certyo_dagster.source import MongoResource
 _plan: dict[str, Any] = {"failures": [], "after": 5, "raised": 0}
 
 
-class _DyingCursor:
-    def __init__(self, cursor):
-        self._cursor = cursor
-
-    def batch_size(self, size):
-        self._cursor = self._cursor.batch_size(size)
-        return self
-
-    def close(self):
-        self._cursor.close()
-
-    def __iter__(self):
-        failure = _plan["failures"].pop(0) if _plan["failures"] else None
-        for n, doc in enumerate(self._cursor):
-            if failure is not None and n == _plan["after"]:
-                _plan["raised"] += 1
-                raise failure
-            yield doc
-
-
-class _FlakyCollection:
-    def __init__(self, collection):
-        self._collection = collection
-
-    def find(self, *args, **kwargs):
-        return _DyingCursor(self._collection.find(*args, **kwargs))
-
-    def __getattr__(self, name):
-        return getattr(self._collection, name)
-
-
-class _FlakyDatabase:
-    def __init__(self, database, watched: str):
-        self._database = database
-        self._watched = watched
-
-    def __getitem__(self, name):
-        collection = self._database[name]
-        return _FlakyCollection(collection) if name == self._watched else collection
-
-    def __getattr__(self, name):
-        return getattr(self._database, name)
+def _dying_documents(docs):
+    """The next scripted failure, raised after `after` documents of this cursor."""
+    failure = _plan["failures"].pop(0) if _plan["failures"] else None
+    for n, doc in enumerate(docs):
+        if failure is not None and n == _plan["after"]:
+            _plan["raised"] += 1
+            raise failure
+        yield doc
 
 
 class FlakyMongoResource(MongoResource):
     def get_database(self):
-        return _FlakyDatabase(super().get_database(), "products")
+        return WrappedDatabase(super().get_database(), "products", _dying_documents)
 
 
 def _message(result) -> str:

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import pytest
 from bson import Decimal128, ObjectId
+from fixtures.mongo import WrappedCursor
 from fixtures.pipeline import hour, pk
 
 from certyo_dagster.certyo.errors import CertyoUnavailableError
@@ -365,27 +366,16 @@ def test_a_window_scan_resumes_after_its_last_key_across_id_types_when_the_curso
     real_find = type(products).find
     calls = {"n": 0}
 
+    def dies_after_three(docs):
+        for count, doc in enumerate(docs):
+            if count == 3:
+                raise AutoReconnect("primary stepped down")
+            yield doc
+
     def flaky_find(self, *args, **kwargs):
         cursor = real_find(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] > 3:
-            return cursor
-
-        class DiesAfterThree:
-            def batch_size(self, n):
-                cursor.batch_size(n)
-                return self
-
-            def __iter__(self):
-                for count, doc in enumerate(cursor):
-                    if count == 3:
-                        raise AutoReconnect("primary stepped down")
-                    yield doc
-
-            def close(self):
-                cursor.close()
-
-        return DiesAfterThree()
+        return cursor if calls["n"] > 3 else WrappedCursor(cursor, dies_after_three)
 
     monkeypatch.setattr(type(products), "find", flaky_find)
     seen = [
