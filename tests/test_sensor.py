@@ -214,3 +214,24 @@ def test_two_collections_build_two_independent_sets_of_definitions(mongo, sandbo
     assert pipeline.certyo_records(collection="products") == []
     assert [r.partition_key for r in pipeline.tick("products").run_requests] == [pk(3)]
     assert not pipeline.tick("orders").run_requests
+
+
+def test_an_hour_with_a_run_in_progress_is_not_requested_again(pipeline):
+    pipeline.db["products"].insert_many([_doc(hour(10, 1)), _doc(hour(11, 1))])
+    pipeline.instance.add_run(
+        dg.DagsterRun(
+            job_name="ingest_products",
+            run_id="0a1b2c3d-0000-4000-8000-000000000001",
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": pk(10)},
+        )
+    )
+
+    tick = pipeline.tick()
+    assert [r.partition_key for r in tick.run_requests] == [pk(11)]
+
+    pipeline.instance.report_run_failed(
+        pipeline.instance.get_run_by_id("0a1b2c3d-0000-4000-8000-000000000001")
+    )
+    again = pipeline.tick(cursor=tick.cursor)
+    assert sorted(r.partition_key for r in again.run_requests) == [pk(10), pk(11)]

@@ -19,6 +19,21 @@ from certyo_dagster.sanitize import version_ms
 from certyo_dagster.source import MongoResource
 
 MAX_DOCUMENTS_PER_TICK = 20_000
+# A run of the job for the partition in one of these states will ship what the tick found
+# (or fail and be retried); requesting another would only pile up overlapping runs.
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str) -> set[str]:
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1000
+    )
+    return {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
 
 
 def build_change_sensor(
@@ -68,6 +83,8 @@ def build_change_sensor(
         cursor = encode_position(scan.position)
         if scan.position is not None:
             write_cursor_mirror(database, spec, scan.position)
+        busy = partitions_with_active_runs(context.instance, job.name)
+        deferred = sorted(pk for pk in scan.partitions if pk in busy)
         run_requests = [
             dg.RunRequest(
                 # The newest unhandled version names the run: a tick that finds the same
@@ -77,16 +94,18 @@ def build_change_sensor(
                 tags={"certyo/trigger": "sensor", "certyo/unhandled_versions": str(count)},
             )
             for pk, (count, newest) in sorted(scan.partitions.items())
+            if pk not in busy
         ]
         if not run_requests:
             since = scan.position.ts.isoformat() if scan.position else "the partition start"
-            return dg.SensorResult(
-                skip_reason=dg.SkipReason(
-                    f"no unacknowledged versions since {since} UTC "
-                    f"({scan.scanned} versions re-read in the lookback)"
-                ),
-                cursor=cursor,
+            reason = (
+                f"unacknowledged versions only in hours with a run in progress: "
+                f"{', '.join(deferred)}; the next tick after those runs checks again"
+                if deferred
+                else f"no unacknowledged versions since {since} UTC "
+                f"({scan.scanned} versions re-read in the lookback)"
             )
+            return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=cursor)
         context.log.info(
             f"{sum(c for c, _ in scan.partitions.values())} unacknowledged versions in "
             f"{len(run_requests)} hour(s); scanned {scan.scanned}"
