@@ -213,12 +213,26 @@ class GeneratedDatabase(dict):
 
 
 @contextlib.contextmanager
-def file_sandbox() -> Iterator[SandboxProcess]:
-    """One certyo-sandbox subprocess on a SQLite file in a fresh temp dir."""
+def file_sandbox(*, enable_fault_injection: bool = False) -> Iterator[SandboxProcess]:
+    """One certyo-sandbox subprocess on a SQLite file in a fresh temp dir.
+
+    Fault injection is what lets a benchmark add network latency (`latency()`)."""
     with tempfile.TemporaryDirectory(prefix="certyo-bench-") as tmp:
-        config = SandboxConfig(db_path=os.path.join(tmp, "sandbox.db"))
+        config = SandboxConfig(
+            db_path=os.path.join(tmp, "sandbox.db"),
+            enable_fault_injection=enable_fault_injection,
+        )
         with SandboxProcess(config) as sandbox:
             yield sandbox
+
+
+def latency(sandbox: SandboxProcess, path: str, milliseconds: float, requests: int) -> None:
+    """Hold the next `requests` responses on `path` for `milliseconds` after answering them:
+    the round trip to a hosted API that loopback does not have. No CPU is spent waiting."""
+    sandbox.clear_faults()
+    if milliseconds:
+        delay = {"action": "delay", "seconds": milliseconds / 1000, "path": path}
+        sandbox.script_faults([{**delay, "times": requests}])
 
 
 def process_cpu_seconds(pid: int | None = None) -> float:

@@ -13,6 +13,8 @@ from idempotent replays:
   encode → up to `--in-flight` bulk posts → in-order write-back).
 
 The phase order rotates between repeats, because the sandbox's database grows during a run.
+`--latency-ms N` holds every bulk response N ms after the sandbox answered it, for the round
+trip to a hosted API that loopback lacks (default 0: the loopback figures).
 
     .venv/bin/python benchmarks/ingest_throughput.py --documents 100000 --repeat 3
 """
@@ -41,6 +43,7 @@ from _common import (
     GeneratedDatabase,
     Stopwatch,
     file_sandbox,
+    latency,
     median,
     spec_for,
     write_result,
@@ -208,14 +211,18 @@ def run_certyo_dagster(
 PHASES = ("limit", "baseline", "certyo_dagster")
 
 
-def one_run(source: CatalogSource, run: int, in_flight: int) -> dict[str, dict[str, float]]:
+def one_run(
+    source: CatalogSource, run: int, in_flight: int, latency_ms: float = 0.0
+) -> dict[str, dict[str, float]]:
     order = PHASES[run % 3 :] + PHASES[: run % 3]
     bodies = limit_bodies(source, f"products_limit_{run}")
     phases: dict[str, dict[str, float]] = {}
-    with file_sandbox() as sandbox:
+    with file_sandbox(enable_fault_injection=bool(latency_ms)) as sandbox:
         for phase in order:
             name = f"products_{phase}_{run}"
             collection = GeneratedCollection(source)
+            if latency_ms:
+                latency(sandbox, BULK_PATH, latency_ms, len(bodies) + 10)
             with Stopwatch(sandbox.pid) as watch:
                 if phase == "limit":
                     count = run_limit(sandbox.base_url, bodies, in_flight)
@@ -246,17 +253,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
     parser.add_argument("--in-flight", type=int, default=4, help="concurrent bulk requests")
     parser.add_argument("--pool", type=int, default=10_000, help="distinct generated products")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="simulated round trip per bulk call"
+    )
     args = parser.parse_args()
 
     source = CatalogSource(args.documents, pool=args.pool)
     source.preload()
+    if args.latency_ms:
+        print(f"note: every bulk response is held {args.latency_ms:g} ms (simulated latency)")
     print(f"{args.documents:,} catalog documents ({source.pool_size:,} distinct products)")
     print(f"note: {SOURCE_NOTE}")
     print(f"note: {PRELOAD_NOTE}")
     print(f"note: {BASELINE_NOTE}")
     runs = []
     for run in range(args.repeat):
-        runs.append(one_run(source, run, args.in_flight))
+        runs.append(one_run(source, run, args.in_flight, args.latency_ms))
     medians: dict[str, Any] = {
         phase: {
             key: median([r[phase][key] for r in runs])
@@ -295,6 +307,7 @@ def main() -> None:
             "documents": args.documents,
             "distinct_products": source.pool_size,
             "in_flight": args.in_flight,
+            "latency_ms": args.latency_ms,
             "repeat": args.repeat,
             "notes": [SOURCE_NOTE, PRELOAD_NOTE, BASELINE_NOTE],
             "median": medians,

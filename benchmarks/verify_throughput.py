@@ -19,10 +19,7 @@ CPU-bound case.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -35,14 +32,14 @@ from _common import (  # noqa: E402
     TENANT,
     CatalogSource,
     Stopwatch,
+    file_sandbox,
+    latency,
     median,
     spec_for,
     write_result,
 )
 
 from certyo_dagster.certyo.client import CertyoClient  # noqa: E402
-from certyo_dagster.sandbox.config import SandboxConfig  # noqa: E402
-from certyo_dagster.sandbox.server import SandboxProcess  # noqa: E402
 from certyo_dagster.sanitize import to_certyo_record, version_ms  # noqa: E402
 from certyo_dagster.verify import PendingVerifier  # noqa: E402
 
@@ -68,15 +65,6 @@ def pending_collection(client: CertyoClient, name: str, count: int):
     return spec, collection
 
 
-@contextlib.contextmanager
-def latency_sandbox():
-    """A sandbox subprocess on a temp SQLite file, with fault injection for the latency."""
-    with tempfile.TemporaryDirectory(prefix="certyo-bench-") as tmp:
-        config = SandboxConfig(db_path=os.path.join(tmp, "sandbox.db"), enable_fault_injection=True)
-        with SandboxProcess(config) as sandbox:
-            yield sandbox
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--documents", type=int, default=2000, help="a multiple of 1000")
@@ -87,7 +75,7 @@ def main() -> int:
         parser.error("--documents must be a multiple of 1000 (the sandbox anchors per 1000)")
 
     runs: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    with latency_sandbox() as sandbox:
+    with file_sandbox(enable_fault_injection=True) as sandbox:
         client = CertyoClient(sandbox.base_url, API_KEY, TENANT, pool_maxsize=16)
         for repeat in range(args.repeat):
             for phase, in_flight in PHASES.items():
@@ -96,12 +84,7 @@ def main() -> int:
                 verifier = PendingVerifier(
                     collection=collection, spec=spec, client=client, max_in_flight=in_flight
                 )
-                sandbox.clear_faults()
-                if args.latency_ms:
-                    delay = {"action": "delay", "seconds": args.latency_ms / 1000}
-                    sandbox.script_faults(
-                        [{**delay, "path": "/api/v1/verify/record", "times": args.documents}]
-                    )
+                latency(sandbox, "/api/v1/verify/record", args.latency_ms, args.documents)
                 with Stopwatch() as watch:
                     report = verifier.run()
                 if report.anchored != args.documents:
