@@ -146,8 +146,8 @@ def test_connection_dropped_before_processing_is_retried(sandbox, make_client):
 
 
 def test_read_timeout_is_retried_and_the_retry_is_a_replay(sandbox, make_client):
-    sandbox.script_faults([{"action": "delay", "seconds": 1.5, "path": SINGLE}])
-    receipt = make_client(read_timeout=0.5).ingest_record(records(1)[0])
+    sandbox.script_faults([{"action": "delay", "seconds": 4.0, "path": SINGLE}])
+    receipt = make_client(read_timeout=2.0).ingest_record(records(1)[0])
     assert receipt["idempotencyReplayed"] is True
     assert sandbox.stats()["records_stored"] == 1
 

@@ -115,19 +115,21 @@ def test_5xx_bursts_and_connections_dropped_after_the_request_are_idempotent_rep
 def test_read_timeouts_are_retried_as_replays_and_a_timeout_storm_fails_then_recovers(
     pipeline, loss_ledger
 ):
-    pipeline = reconfigured(pipeline, read_timeout=0.3)
+    # Ordinary bulk calls take well under 2 s even on a loaded 2-core machine; the
+    # scripted delays are far beyond it.
+    pipeline = reconfigured(pipeline, read_timeout=2.0)
     history = change_history(hour(1))
     sandbox = pipeline.sandbox
 
     loss_ledger.apply(history[0])
     # Certyo stores the records, then answers after the client gave up waiting.
-    sandbox.script_faults([{"action": "delay", "seconds": 0.8, "times": 2, "path": BULK}])
+    sandbox.script_faults([{"action": "delay", "seconds": 4.0, "times": 2, "path": BULK}])
     cursor, failed = drive(pipeline, loss_ledger)
     assert not failed
     assert sandbox.stats()["idempotent_replays"] >= 2
 
     loss_ledger.apply(history[1])
-    slow = [{"action": "delay", "seconds": 0.8, "times": 12, "path": BULK}]
+    slow = [{"action": "delay", "seconds": 4.0, "times": 12, "path": BULK}]
     cursor = _fail_then_retry(pipeline, loss_ledger, cursor, slow, "ReadTimeout")
 
     _finish(pipeline, loss_ledger, history, cursor, first_step=2)

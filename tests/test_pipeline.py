@@ -6,6 +6,7 @@ test named after it.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 
@@ -256,17 +257,22 @@ def test_a_later_batch_succeeding_after_an_earlier_failure_does_not_move_the_pos
     first_ids = {str(d["_id"]).encode() for d in first_batch}
     real = pipeline.resources["certyo"].get_client()
 
+    later_accepted = threading.Semaphore(0)
+
     class FirstBatchFails:
-        """The real client, except that the bulk call carrying the first batch fails."""
+        """The real client, except that the bulk call carrying the first batch fails, and
+        only after both later batches were accepted."""
 
         def ingest_record(self, record):
             return real.ingest_record(record)
 
         def post_bulk_body(self, body, count):
             if any(i in body for i in first_ids):
-                time.sleep(0.2)  # let the later batches finish first
+                assert later_accepted.acquire(timeout=30) and later_accepted.acquire(timeout=30)
                 raise CertyoUnavailableError("Certyo unavailable (simulated)")
-            return real.post_bulk_body(body, count)
+            response = real.post_bulk_body(body, count)
+            later_accepted.release()
+            return response
 
     ingestor = WindowIngestor(
         database=pipeline.db,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -82,6 +83,14 @@ def test_other_tenants_id_is_403(sandbox):
     assert_error(post(sandbox, "/api/v1/verify/record", verify), 403, "tenantId")
 
 
+def _nested(depth: int) -> dict:
+    """A payload `depth` objects deep: JSON parsers and RFC 8785 take it, storage cannot."""
+    payload: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        payload = {"n": payload}
+    return payload
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -100,6 +109,8 @@ def test_other_tenants_id_is_403(sandbox):
         ({"sourceTimestamp": 1713090600}, "sourceTimestamp"),
         ({"idempotencyKey": 7}, "idempotencyKey"),
         ({"recordpayload": {}}, "recordpayload"),
+        ({"recordPayload": _nested(255)}, "recordPayload"),
+        ({"recordPayload": _nested(300)}, "recordPayload"),
     ],
 )
 def test_each_validation_rule_is_a_400_naming_the_field(sandbox, change, field):
@@ -273,7 +284,9 @@ def test_query_returns_stored_fields_and_pages_in_insertion_order(sandbox):
 @pytest.mark.parametrize(
     ("params", "field"),
     [({"limit": 1001}, "limit"), ({"limit": 0}, "limit"), ({"limit": "ten"}, "limit"),
-     ({"cursor": "not-a-cursor"}, "cursor"), ({"colection": "typo"}, "colection")],
+     ({"cursor": "not-a-cursor"}, "cursor"), ({"colection": "typo"}, "colection"),
+     ({"limit": "\u00b2"}, "limit"),
+     ({"cursor": base64.urlsafe_b64encode(b"seq:99999999999999999999999").decode()}, "cursor")],
 )  # fmt: skip
 def test_bad_query_parameters_are_400(sandbox, params, field):
     assert_error(query(sandbox, **params), 400, field)

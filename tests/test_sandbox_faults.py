@@ -96,7 +96,8 @@ def test_delay_makes_a_client_read_timeout_but_the_record_is_stored(sandbox):
 
 @pytest.mark.parametrize(
     "entry",
-    [{"status": 99}, {"action": "explode"}, {"status": 503, "action": "delay"},
+    [{"status": 99}, {"status": 204}, {"status": 302}, {"action": "explode"},
+     {"status": 503, "action": "delay"},
      {"times": 0, "status": 503}, {"action": "delay", "seconds": -1},
      {"path": "api/v1/records", "status": 503}, "503"],
 )  # fmt: skip

@@ -118,9 +118,12 @@ def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         prefix, _, number = text.partition(":")
-        if prefix != "seq":
+        if prefix != "seq" or not (number.isascii() and number.isdigit()):
             raise ValueError(cursor)
-        return int(number)
+        seq = int(number)
+        if seq >= 2**63:  # beyond SQLite's INTEGER
+            raise ValueError(cursor)
+        return seq
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(
             400,
@@ -326,7 +329,7 @@ class SandboxApp:
             [FieldError("body", f"larger than {limit} bytes")],
         )
         if declared is not None:
-            if not declared.strip().isdigit():
+            if not (declared.strip().isascii() and declared.strip().isdigit()):
                 raise ApiError(
                     400,
                     "invalid_header",
@@ -443,7 +446,7 @@ class SandboxApp:
         limit = DEFAULT_QUERY_LIMIT
         if "limit" in params:
             text = params["limit"]
-            if not text.isdigit() or not 1 <= int(text) <= MAX_QUERY_LIMIT:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_QUERY_LIMIT:
                 raise ApiError(
                     400,
                     "validation_failed",

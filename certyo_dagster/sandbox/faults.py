@@ -110,8 +110,10 @@ def _parse_fault(entry: Any, index: int) -> Fault:
     if (status is None) == (action is None):
         raise ValueError("give exactly one of status or action")
     if status is not None:
-        if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
-            raise ValueError("status must be an integer HTTP status between 200 and 599")
+        # An error status only: 1xx/204/304 cannot carry the JSON error body, and a scripted
+        # success without processing would be a lie the client cannot detect.
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError("status must be an integer HTTP error status between 400 and 599")
         retry_after = entry.get("retry_after")
         if retry_after is not None and (
             isinstance(retry_after, bool)

@@ -24,6 +24,8 @@ from certyo_dagster.sandbox.validation import ApiError, FieldError, ValidRecord
 
 # Block numbers start where a real Polygon PoS chain was in 2026, so they look plausible.
 FIRST_BLOCK_NUMBER = 70_000_000
+# orjson, which stores record bodies, refuses to write deeper documents.
+MAX_STORED_DEPTH = 254
 _SQLITE_MAX_PARAMS = 900
 
 _SCHEMA = """
@@ -155,6 +157,7 @@ class SandboxStore:
         seq = self._next_seq
         new_keys: list[tuple[Any, ...]] = []
         conflicts: list[FieldError] = []
+        too_deep: list[FieldError] = []
         replayed = 0
         for i, record in enumerate(records):
             key = record.idempotency_key
@@ -183,6 +186,19 @@ class SandboxStore:
             if key is not None:
                 known[key] = (record.fingerprint, response)
                 new_keys.append((tenant, key, record.fingerprint, orjson.dumps(response), now))
+            try:
+                body = orjson.dumps(fields)
+            except orjson.JSONEncodeError:
+                # RFC 8785 and orjson.loads take deeper nesting than orjson.dumps (254
+                # levels); refuse it as bad input instead of failing to store it.
+                too_deep.append(
+                    FieldError(
+                        f"records[{i}].recordPayload" if bulk else "recordPayload",
+                        f"recordPayload nests deeper than {MAX_STORED_DEPTH} levels",
+                        i if bulk else None,
+                    )
+                )
+                continue
             new_pending.append((seq, record.record_hash, now))
             new_rows.append(
                 (
@@ -194,11 +210,18 @@ class SandboxStore:
                     fields["recordVersion"],
                     record.record_hash,
                     accepted_at,
-                    orjson.dumps(fields),
+                    body,
                 )
             )
             seq += 1
             results.append({**response, "idempotencyReplayed": False})
+        if too_deep:
+            raise ApiError(
+                400,
+                "validation_failed",
+                f"recordPayload nests deeper than {MAX_STORED_DEPTH} levels; nothing was accepted",
+                too_deep,
+            )
         if conflicts:
             where = ", ".join(str(e.index) for e in conflicts if e.index is not None)
             raise ApiError(
