@@ -237,6 +237,13 @@ def start_stack(
     with_sandbox = not env.get("CERTYO_BASE_URL", "").strip()
     if not with_sandbox and not env.get("CERTYO_API_KEY", "").strip():
         raise LaunchError("CERTYO_BASE_URL is set but CERTYO_API_KEY is not: set both")
+    if not embedded and with_sandbox:
+        # The sandbox's fake anchoring would label real documents `anchored` for good.
+        raise LaunchError(
+            "MONGO_URI is set but CERTYO_BASE_URL is not: set CERTYO_BASE_URL, "
+            "CERTYO_API_KEY and CERTYO_TENANT_ID to use your MongoDB, or unset MONGO_URI for "
+            "the demo (embedded store and sandbox)"
+        )
     if embedded:
         env["MONGO_URI"] = embedded_uri(run_dir)
         env.setdefault("CERTYO_PARTITION_START", _demo_state(run_dir, now)["partition_start"])
@@ -279,7 +286,7 @@ def start_stack(
                 log_dir / "sandbox.log",
                 30,
             )
-        if embedded or with_sandbox:
+        if embedded:
             env["CERTYO_DEMO_MODE"] = "1"
         if embedded:
             stack.seeded = _seed(env, seed_count, seed_hours, now)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import pymongo
@@ -23,16 +22,19 @@ EMBEDDED_SCHEME = "montydb://"
 
 
 def redact_uri(uri: str) -> str:
-    """The URI with any password replaced by `***`, safe for logs and errors."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable MongoDB URI>"
-    if parts.password is None and "@" not in parts.netloc:
+    """The URI with any password replaced by `***`, safe for logs and errors.
+
+    Works on the raw text rather than `urlsplit`, which gives up on passwords holding an
+    unescaped `/`, `?` or `#` and would hand the URI back untouched.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return "<MongoDB URI without a scheme>" if "@" in uri else uri
+    userinfo, at, hosts = rest.rpartition("@")
+    if not at:
         return uri
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
     user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+    return f"{scheme}://{user}:***@{hosts}"
 
 
 # Legacy data can hold invalid UTF-8. Strict decoding would make the cursor raise and crash

@@ -105,3 +105,11 @@ def test_base_url_without_api_key_is_refused(tmp_path: Path) -> None:
     environ = {**_base_env(), "CERTYO_BASE_URL": "https://api.certyo.example"}
     with pytest.raises(LaunchError, match="CERTYO_API_KEY"):
         start_stack(tmp_path / "run", dagster_port=free_port(), environ=environ)
+
+
+def test_a_real_mongo_uri_without_a_certyo_endpoint_is_refused(tmp_path: Path) -> None:
+    """The sandbox's fake anchoring must never write `anchored` into a real collection."""
+    environ = {**_base_env(), "MONGO_URI": "mongodb://db.example:27017/"}
+    with pytest.raises(LaunchError, match="MONGO_URI is set but CERTYO_BASE_URL is not"):
+        start_stack(tmp_path / "run", dagster_port=free_port(), environ=environ)
+    assert not (tmp_path / "run" / "certyo-sandbox.db").exists()
