@@ -16,7 +16,7 @@ from typing import Any
 
 import pymongo
 from bson import Binary, Decimal128, Int64, ObjectId, json_util
-from pymongo.errors import AutoReconnect, CursorNotFound, OperationFailure
+from pymongo.errors import AutoReconnect, CursorNotFound
 
 from certyo_dagster.config import CollectionSpec
 from certyo_dagster.source import upsert_with_retry
@@ -139,7 +139,7 @@ def iter_window_batches(
             for doc in cursor:
                 batch.append(doc)
                 if len(batch) >= batch_size:
-                    position = _key_of(batch[-1], spec)
+                    position = _last_key(batch, spec, position)
                     yield batch
                     batch = []
             if batch:
@@ -151,7 +151,7 @@ def iter_window_batches(
                 raise
             if batch:
                 # Hand over what was read before the failure, then resume after it.
-                position = _key_of(batch[-1], spec)
+                position = _last_key(batch, spec, position)
                 yield batch
         finally:
             close = getattr(cursor, "close", None)
@@ -159,8 +159,14 @@ def iter_window_batches(
                 close()
 
 
-def _key_of(doc: dict, spec: CollectionSpec) -> VersionKey:
-    return VersionKey(timestamp_of(doc, spec), doc["_id"])
+def _last_key(batch: list[dict], spec: CollectionSpec, fallback: VersionKey | None) -> Any:
+    """Key of the batch's last document with a date timestamp. A range query also matches
+    an array holding a date in the window; such a document cannot be a keyset position."""
+    for doc in reversed(batch):
+        ts = timestamp_of(doc, spec)
+        if isinstance(ts, datetime):
+            return VersionKey(ts, doc["_id"])
+    return fallback
 
 
 def timestamp_of(doc: dict, spec: CollectionSpec) -> Any:
@@ -174,19 +180,12 @@ def timestamp_of(doc: dict, spec: CollectionSpec) -> Any:
 
 
 def count_untimestamped(collection: Any, spec: CollectionSpec) -> int:
-    """Documents whose timestamp is missing or null: no window can ever contain them."""
-    return collection.count_documents({spec.timestamp_field: None})
-
-
-def count_non_date_timestamps(collection: Any, spec: CollectionSpec) -> int:
-    """Documents whose timestamp is present but not a BSON date (also never in a window)."""
+    """Documents whose timestamp is missing, null, a string or a number: no window can ever
+    contain them. Each clause is a single-type bracket an index on the field can serve."""
     ts = spec.timestamp_field
-    try:
-        return collection.count_documents(
-            {"$and": [{ts: {"$ne": None}}, {ts: {"$not": {"$type": "date"}}}]}
-        )
-    except OperationFailure:
-        return 0
+    return collection.count_documents(
+        {"$or": [{ts: None}, {ts: {"$type": "string"}}, {ts: {"$type": "number"}}]}
+    )
 
 
 # -- change detection and the `_certyo_cursors` mirror -------------------------------------
@@ -307,6 +306,10 @@ def scan_changes(
         for doc in docs:
             scanned += 1
             ts = timestamp_of(doc, spec)
+            if not isinstance(ts, datetime):
+                # An array holding a date in range: never a position, never a partition;
+                # ingestion dead-letters it as bad_timestamp.
+                continue
             key = VersionKey(ts, doc["_id"])
             if is_handled(doc, ts):
                 last_handled = key

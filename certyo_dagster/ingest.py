@@ -57,6 +57,11 @@ VERIFICATION_FIELDS = (
     "certyo_failure_reason",
 )
 _UNSET_VERIFICATION = {f: "" for f in VERIFICATION_FIELDS}
+_UNSET_FOR_REJECTED = {
+    f: ""
+    for f in VERIFICATION_FIELDS + ("certyo_record_hash", "certyo_ingested_at")
+    if f != "certyo_failure_reason"
+}
 
 
 class IngestClient(Protocol):
@@ -509,7 +514,9 @@ class WindowIngestor:
                         "certyo_status": "rejected",
                         "certyo_version": version,
                         "certyo_failure_reason": f"{reason}: {message[:300]}",
-                    }
+                    },
+                    # The previous version's hash and proof do not describe this one.
+                    "$unset": _UNSET_FOR_REJECTED,
                 },
             )
 

@@ -460,13 +460,15 @@ def test_documents_without_a_timestamp_are_counted_and_flagged(pipeline):
     products = pipeline.db["products"]
     products.insert_many([_product(i, hour(19, i)) for i in range(3)])
     products.insert_many([{"_id": f"untimed-{i}", "name": "no updatedAt"} for i in range(2)])
+    products.insert_one({"_id": "iso-string", "updatedAt": "2026-11-01T19:30:00Z"})
+    products.insert_one({"_id": "epoch-ms", "updatedAt": 1_793_560_200_000})
 
     result = pipeline.materialize(pk(19))
 
     assert result.success
     check = _check(result, "all_documents_timestamped")
-    assert not check.passed and check.metadata["untimestamped_documents"].value == 2
-    assert _metadata(result, "changed_documents")["untimestamped_documents"] == 2
+    assert not check.passed and check.metadata["untimestamped_documents"].value == 4
+    assert _metadata(result, "changed_documents")["untimestamped_documents"] == 4
 
 
 def test_long_partitions_log_progress_every_n_batches(pipeline):
@@ -506,3 +508,38 @@ def test_a_dead_letter_is_resolved_by_a_newer_version_even_after_a_whole_documen
     assert pipeline.db["_certyo_dead_letters"].find_one()["resolvedAt"] is not None
     assert _check(result, "no_dead_letters").passed
     assert products.find_one({"_id": "big"})["certyo_status"] == "pending"
+
+
+def test_an_array_timestamp_holding_a_date_in_range_is_a_dead_letter_not_a_crash(pipeline):
+    """MongoDB's range query also matches an array that holds a date in the window."""
+    products = pipeline.db["products"]
+    products.insert_one(_product(1, hour(22, 1)))
+    products.insert_one({"_id": "array-ts", "updatedAt": [hour(22, 2), hour(22, 3)]})
+    products.insert_one(_product(2, hour(22, 4)))
+
+    tick = pipeline.tick()
+    assert [r.partition_key for r in tick.run_requests] == [pk(22)]
+    assert pipeline.materialize(pk(22)).success
+
+    letter = pipeline.db["_certyo_dead_letters"].find_one({"documentId": "array-ts"})
+    assert letter["reason"] == "bad_timestamp"
+    assert len(pipeline.certyo_records(collection="products")) == 2
+    assert not pipeline.tick(cursor=tick.cursor).run_requests
+
+
+def test_a_rejected_new_version_does_not_keep_the_previous_versions_hash(pipeline):
+    products = pipeline.db["products"]
+    doc = _product(1, hour(23, 1))
+    products.insert_one(doc)
+    assert pipeline.materialize(pk(23)).success
+    assert products.find_one({"_id": doc["_id"]})["certyo_record_hash"]
+
+    products.update_one(
+        {"_id": doc["_id"]}, {"$set": {"blob": "x" * 2_000_000, "updatedAt": hour(23, 30)}}
+    )
+    assert pipeline.materialize(pk(23)).success
+
+    stored = products.find_one({"_id": doc["_id"]})
+    assert stored["certyo_status"] == "rejected"
+    assert stored["certyo_failure_reason"].startswith("too_large")
+    assert "certyo_record_hash" not in stored and "certyo_ingested_at" not in stored
