@@ -19,7 +19,7 @@ from bson import Binary, Decimal128, Int64, ObjectId, json_util
 from pymongo.errors import AutoReconnect, CursorNotFound
 
 from certyo_dagster.config import CollectionSpec
-from certyo_dagster.source import upsert_with_retry
+from certyo_dagster.source import ensure_index, upsert_with_retry
 
 CURSORS_COLLECTION = "_certyo_cursors"
 DEAD_LETTERS_COLLECTION = "_certyo_dead_letters"
@@ -104,10 +104,10 @@ def sort_keys(spec: CollectionSpec) -> list[tuple[str, int]]:
     return [(spec.timestamp_field, pymongo.ASCENDING), ("_id", pymongo.ASCENDING)]
 
 
-def ensure_indexes(collection: Any, spec: CollectionSpec) -> None:
-    """The `(ts, _id)` index keyset reads rely on, and the one the verify job selects by."""
-    collection.create_index(sort_keys(spec), name=f"certyo_{spec.timestamp_field}_id")
-    collection.create_index([("certyo_status", pymongo.ASCENDING)], name="certyo_status")
+def ensure_indexes(collection: Any, spec: CollectionSpec) -> list[str]:
+    """The `(ts, _id)` index keyset reads rely on; warnings for what could not be made."""
+    warning = ensure_index(collection, sort_keys(spec), f"certyo_{spec.timestamp_field}_id")
+    return [warning] if warning else []
 
 
 def iter_window_batches(
@@ -183,9 +183,8 @@ def count_untimestamped(collection: Any, spec: CollectionSpec) -> int:
     """Documents whose timestamp is missing, null, a string or a number: no window can ever
     contain them. Each clause is a single-type bracket an index on the field can serve."""
     ts = spec.timestamp_field
-    return collection.count_documents(
-        {"$or": [{ts: None}, {ts: {"$type": "string"}}, {ts: {"$type": "number"}}]}
-    )
+    types = ("string", "double", "int", "long", "decimal")  # montydb has no "number" alias
+    return collection.count_documents({"$or": [{ts: None}, *({ts: {"$type": t}} for t in types)]})
 
 
 # -- change detection and the `_certyo_cursors` mirror -------------------------------------

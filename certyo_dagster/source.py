@@ -12,7 +12,7 @@ from typing import Any
 import dagster as dg
 import pymongo
 from bson.codec_options import CodecOptions
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from certyo_dagster.process_clients import ProcessClients
 
@@ -93,6 +93,34 @@ def upsert_with_retry(
                 break
     key = {"_id": filter["_id"]} if "_id" in filter else dict(filter)
     return collection.find_one(key)
+
+
+# createIndex failures that must not fail a run: the same keys under another name (85), a
+# name taken by other keys (86), no createIndex privilege (13). Reads still work without it.
+_INDEX_PROBLEMS = {13: "not authorized", 85: "same keys, other options", 86: "name in use"}
+
+
+def ensure_index(collection: Any, keys: list[tuple[str, int]], name: str) -> str | None:
+    """Create the index unless one with the same key pattern exists; a warning, or None.
+
+    Many deployments create indexes themselves, under MongoDB's default names; a second
+    index with the same keys would be refused, and a user without createIndex cannot make
+    one at all. Neither is a reason to stop shipping data.
+    """
+    wanted = [(field, int(direction)) for field, direction in keys]
+    for info in collection.index_information().values():
+        if [(field, int(direction)) for field, direction in info["key"]] == wanted:
+            return None
+    try:
+        collection.create_index(keys, name=name)
+    except OperationFailure as exc:
+        if exc.code not in _INDEX_PROBLEMS:
+            raise
+        return (
+            f"index {name} on {wanted} was not created ({_INDEX_PROBLEMS[exc.code]}); "
+            "reads on it will scan"
+        )
+    return None
 
 
 class MongoResource(dg.ConfigurableResource):

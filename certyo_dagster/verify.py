@@ -36,6 +36,7 @@ from certyo_dagster.sanitize import (
     record_id_of,
     sanitize_document,
 )
+from certyo_dagster.source import ensure_index
 
 PENDING = "pending"
 ANCHORED = "anchored"
@@ -285,10 +286,13 @@ def write_for(doc: Mapping[str, Any], outcome: Outcome, spec: CollectionSpec) ->
 # -- I/O ---------------------------------------------------------------------------------------
 
 
-def ensure_verify_indexes(collection: Any) -> None:
+def ensure_verify_indexes(collection: Any) -> list[str]:
     """Indexes for paging pending documents by `_id` and finding the oldest one."""
-    collection.create_index(_STATUS_ID_INDEX, name="certyo_status_id")
-    collection.create_index(_STATUS_AGE_INDEX, name="certyo_status_ingested_at")
+    warnings = [
+        ensure_index(collection, _STATUS_ID_INDEX, "certyo_status_id"),
+        ensure_index(collection, _STATUS_AGE_INDEX, "certyo_status_ingested_at"),
+    ]
+    return [w for w in warnings if w]
 
 
 def iter_status_pages(

@@ -453,7 +453,35 @@ def test_the_keyset_index_is_created_unless_configured_off(pipeline, mongo, sand
     assert pipeline.materialize(pk(18)).success
     indexes = pipeline.db["products"].index_information()
     assert indexes["certyo_updatedAt_id"]["key"] == [("updatedAt", 1), ("_id", 1)]
-    assert indexes["certyo_status"]["key"] == [("certyo_status", 1)]
+
+
+def test_an_existing_index_on_the_same_keys_is_reused_and_a_refusal_only_warns(pipeline):
+    from pymongo.errors import OperationFailure
+
+    from certyo_dagster.source import ensure_index
+
+    products = pipeline.db["products"]
+    products.create_index([("updatedAt", 1), ("_id", 1)])  # the DBA's, default name
+    products.insert_one(_product(1, hour(18, 2)))
+    assert pipeline.materialize(pk(18)).success
+    assert "certyo_updatedAt_id" not in products.index_information()
+
+    class NoPrivilege:
+        def index_information(self):
+            return {"_id_": {"key": [("_id", 1)]}}
+
+        def create_index(self, keys, name):
+            raise OperationFailure("not authorized on productdb", code=13)
+
+    warning = ensure_index(NoPrivilege(), [("certyo_status", 1), ("_id", 1)], "certyo_status_id")
+    assert "certyo_status_id" in warning and "not authorized" in warning
+
+    class Broken(NoPrivilege):
+        def create_index(self, keys, name):
+            raise OperationFailure("disk full", code=14031)
+
+    with pytest.raises(OperationFailure):
+        ensure_index(Broken(), [("certyo_status", 1)], "certyo_status")
 
 
 def test_documents_without_a_timestamp_are_counted_and_flagged(pipeline):

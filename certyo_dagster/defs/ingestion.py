@@ -137,7 +137,8 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
             database = mongo.get_database()
             collection = database[spec.collection]
             if config.create_indexes:
-                ensure_indexes(collection, spec)
+                for warning in ensure_indexes(collection, spec):
+                    context.log.warning(warning)
             mirror = read_cursor_mirror(database, spec)
             ingestor = WindowIngestor(
                 database=database,

@@ -130,8 +130,8 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
         failure: str | None = None
         try:
             if config.create_indexes:
-                ensure_indexes(collection, spec)
-                ensure_verify_indexes(collection)
+                for warning in ensure_indexes(collection, spec) + ensure_verify_indexes(collection):
+                    context.log.warning(warning)
             verifier = PendingVerifier(
                 collection=collection,
                 spec=spec,
