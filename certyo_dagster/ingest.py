@@ -351,14 +351,22 @@ class WindowIngestor:
     def _post_chunk(
         self, records: list[EncodedRecord]
     ) -> tuple[list[dict | None], dict[int, str], int]:
+        if len(records) <= SINGLE_ENDPOINT_MAX:
+            shipped = self._ship_single(records)
+            return shipped.results, shipped.rejected, shipped.requests
         try:
             body = b"".join((self._bulk_prefix, b",".join([r.json for r in records]), b"]}"))
-            if len(records) <= SINGLE_ENDPOINT_MAX:
-                shipped = self._ship_single(records)
-                return shipped.results, shipped.rejected, shipped.requests
             response = self.client.post_bulk_body(body, len(records))
             return list(response["results"]), {}, 1
         except CertyoValidationError as exc:
+            if exc.status_code == 413:
+                # A gateway in front of Certyo may take less than our request size: halve
+                # until it fits (a single record still too large becomes a dead letter).
+                half = len(records) // 2
+                left = self._post_chunk(records[:half])
+                right = self._post_chunk(records[half:])
+                merged = {**left[1], **{half + i: m for i, m in right[1].items()}}
+                return left[0] + right[0], merged, 1 + left[2] + right[2]
             # The whole batch was refused because of some records. Set those aside as dead
             # letters and send the rest again; without per-record errors nothing can be
             # attributed, so the failure propagates.

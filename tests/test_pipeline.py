@@ -571,3 +571,18 @@ def test_a_rejected_new_version_does_not_keep_the_previous_versions_hash(pipelin
     assert stored["certyo_status"] == "rejected"
     assert stored["certyo_failure_reason"].startswith("too_large")
     assert "certyo_record_hash" not in stored and "certyo_ingested_at" not in stored
+
+
+def test_a_gateway_that_takes_smaller_bodies_than_ours_gets_halved_requests(pipeline):
+    """A 413 without per-record errors: the batch is split until each part fits."""
+    pipeline.db["products"].insert_many(
+        [_product(i, hour(23, i % 60, i // 60)) for i in range(200)]
+    )
+    pipeline.sandbox.script_faults([{"status": 413, "times": 3, "path": "/api/v1/records/bulk"}])
+
+    result = pipeline.materialize(pk(23))
+
+    assert result.success
+    assert len(pipeline.certyo_records(collection="products")) == 200
+    assert pipeline.sandbox.stats()["requests_by_status"]["413"] == 3
+    assert pipeline.db["_certyo_dead_letters"].count_documents({}) == 0
