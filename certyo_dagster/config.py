@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
@@ -72,11 +72,15 @@ def parse_collections(value: str, database: str) -> list[CollectionSpec]:
     return specs
 
 
-def parse_partition_start(value: str | None, now: datetime | None = None) -> datetime:
-    """A UTC hour. Defaults to the start of yesterday, so a fresh install has a day of hours."""
+# A fixed default: a start that moved with the clock would drop the oldest hours from the
+# partition set every day, and with them any version still waiting in them.
+DEFAULT_PARTITION_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_partition_start(value: str | None) -> datetime:
+    """A UTC hour; DEFAULT_PARTITION_START when unset."""
     if not value:
-        now = now or datetime.now(timezone.utc)
-        return (now - timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        return DEFAULT_PARTITION_START
     try:
         parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError as exc:

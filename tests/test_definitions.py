@@ -88,3 +88,9 @@ def test_every_step_that_calls_certyo_is_in_the_certyo_pool_limited_by_dagster_y
     assert config.pool_config.default_pool_limit == 2
     assert config.run_queue_config.max_concurrent_runs == 4
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+
+
+def test_the_default_partition_start_is_fixed_not_moving_with_the_clock():
+    first = PipelineSettings.from_env({}).partition_start
+    assert first == datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert PipelineSettings.from_env({}).partition_start == first
