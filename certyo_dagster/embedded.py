@@ -72,7 +72,8 @@ from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 from pymongo.results import BulkWriteResult
 
-EMBEDDED_SCHEME = "montydb://"
+from certyo_dagster.source import EMBEDDED_SCHEME
+
 _LOCK_FILE = ".certyo-write.lock"
 _SQLITE_TIMEOUT_SECONDS = 30.0
 
@@ -283,6 +284,10 @@ class EmbeddedCollection:
 
     def create_indexes(self, indexes: Sequence[Any]) -> list[str]:
         return [index.document["name"] for index in indexes]
+
+    def index_information(self) -> dict[str, Any]:
+        """Only the implicit `_id` index, as MongoDB reports it: montydb has no others."""
+        return {"_id_": {"key": [("_id", pymongo.ASCENDING)], "v": 2}}
 
     def insert_one(self, document: Any, *args: Any, **kwargs: Any) -> Any:
         with self._writing():

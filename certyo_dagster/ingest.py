@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from certyo_dagster.certyo.errors import CertyoError, CertyoValidationError
 from certyo_dagster.config import CollectionSpec
@@ -38,7 +38,7 @@ from certyo_dagster.sanitize import (
     record_id_of,
     version_ms,
 )
-from certyo_dagster.source import upsert_with_retry
+from certyo_dagster.source import bulk_update, upsert_with_retry
 
 # Statuses that mean "this version was handled": shipped and accepted, anchored, rejected
 # into the dead-letter queue, or failed verification. A plain re-run skips them; `force`
@@ -458,7 +458,7 @@ class WindowIngestor:
             report.accepted += accepted
             report.replayed += replayed
         if updates:
-            _bulk_update(self.collection, updates)
+            bulk_update(self.collection, updates, "write-back")
         if resolved_ids:
             self.dead_letters.update_many(
                 {
@@ -527,20 +527,6 @@ class WindowIngestor:
                     "$unset": _UNSET_FOR_REJECTED,
                 },
             )
-
-
-def _bulk_update(collection: Any, updates: Sequence[UpdateOne]) -> None:
-    bulk_write = getattr(collection, "bulk_write", None)
-    if bulk_write is None:  # embedded stores without bulk_write
-        for op in updates:
-            collection.update_one(op._filter, op._doc)
-        return
-    try:
-        bulk_write(list(updates), ordered=False)
-    except BulkWriteError as exc:
-        raise PyMongoError(
-            f"write-back failed for {len(exc.details.get('writeErrors', []))} documents"
-        ) from exc
 
 
 def _validation_message(exc: CertyoValidationError, entry: dict | None) -> str:

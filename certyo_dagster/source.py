@@ -6,13 +6,14 @@ and a new MongoClient each time would cost a connection handshake each time (pit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 import pymongo
 from bson.codec_options import CodecOptions
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from certyo_dagster.process_clients import ProcessClients
 
@@ -93,6 +94,15 @@ def upsert_with_retry(
                 break
     key = {"_id": filter["_id"]} if "_id" in filter else dict(filter)
     return collection.find_one(key)
+
+
+def bulk_update(collection: Any, updates: Sequence[UpdateOne], what: str) -> Any:
+    """`bulk_write` of conditional updates, unordered; a write error names `what` failed."""
+    try:
+        return collection.bulk_write(list(updates), ordered=False)
+    except BulkWriteError as exc:
+        failed = len(exc.details.get("writeErrors", []))
+        raise PyMongoError(f"{what} failed for {failed} documents") from exc
 
 
 # createIndex failures that must not fail a run: the same keys under another name (85), a

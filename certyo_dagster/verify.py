@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import pymongo
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from certyo_dagster.certyo.errors import CertyoAuthError, CertyoError, CertyoNotFoundError
 from certyo_dagster.certyo.hashing import record_hash, record_hash_bytes
@@ -36,7 +36,7 @@ from certyo_dagster.sanitize import (
     record_id_of,
     sanitize_document,
 )
-from certyo_dagster.source import ensure_index
+from certyo_dagster.source import bulk_update, ensure_index
 
 PENDING = "pending"
 ANCHORED = "anchored"
@@ -511,13 +511,7 @@ def _bulk_update(collection: Any, updates: list[UpdateOne]) -> list[bool]:
     A bulk result only gives a total, so when it falls short the documents are re-read to
     learn which filters missed (rare: it takes an edit racing the verify call).
     """
-    try:
-        result = collection.bulk_write(updates, ordered=False)
-    except BulkWriteError as exc:
-        raise PyMongoError(
-            f"verification write-back failed for {len(exc.details.get('writeErrors', []))} "
-            "documents"
-        ) from exc
+    result = bulk_update(collection, updates, "verification write-back")
     if result.matched_count == len(updates):
         return [True] * len(updates)
     landed = []

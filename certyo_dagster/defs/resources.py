@@ -23,7 +23,5 @@ def default_resources(settings: PipelineSettings) -> dict[str, Any]:
             base_url=os.environ.get("CERTYO_BASE_URL", "").strip() or SANDBOX_BASE_URL,
             api_key=dg.EnvVar("CERTYO_API_KEY"),
             tenant_id=os.environ.get("CERTYO_TENANT_ID", "").strip() or SANDBOX_TENANT_ID,
-            allow_insecure_http=os.environ.get("CERTYO_ALLOW_INSECURE_HTTP", "").strip().lower()
-            in {"1", "true", "yes"},
         ),
     }

@@ -8,6 +8,14 @@ import dagster as dg
 from certyo_dagster.config import CollectionSpec, PipelineSettings
 from certyo_dagster.extract import partition_key_for, utc_aware
 
+# Runs in these states will still do their work; schedules and sensors do not add another.
+ACTIVE_RUN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
 
 def default_status(settings: PipelineSettings) -> dg.DefaultScheduleStatus:
     return (

@@ -7,6 +7,7 @@ import dagster as dg
 from bson import json_util
 
 from certyo_dagster.config import CollectionSpec, PipelineSettings
+from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES
 from certyo_dagster.extract import (
     decode_position,
     encode_position,
@@ -19,17 +20,11 @@ from certyo_dagster.sanitize import version_ms
 from certyo_dagster.source import MongoResource
 
 MAX_DOCUMENTS_PER_TICK = 20_000
-# A run of the job for the partition in one of these states will ship what the tick found
-# (or fail and be retried); requesting another would only pile up overlapping runs.
-ACTIVE_RUN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str) -> set[str]:
+    """Hours with a queued or running run of the job: that run ships what a tick finds (or
+    fails and is retried); requesting another would only pile up overlapping runs."""
     runs = instance.get_runs(
         filters=dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1000
     )

@@ -17,7 +17,7 @@ from certyo_dagster.audit import TamperReport, run_tamper_audit
 from certyo_dagster.certyo.resource import CertyoResource
 from certyo_dagster.config import CollectionSpec, PipelineSettings
 from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
-from certyo_dagster.defs.schedules import default_status
+from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
 from certyo_dagster.extract import ensure_indexes
 from certyo_dagster.sanitize import iso_utc
 from certyo_dagster.source import MongoResource
@@ -35,13 +35,6 @@ from certyo_dagster.verify import (
     latency_percentiles,
     oldest_pending_age,
 )
-
-IN_PROGRESS = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 class VerifyConfig(dg.Config):
@@ -266,7 +259,7 @@ def build_verify_schedule(
     )
     def verify_schedule(context: dg.ScheduleEvaluationContext, mongo: MongoResource):
         running = context.instance.get_run_records(
-            dg.RunsFilter(job_name=job_name, statuses=IN_PROGRESS), limit=1
+            dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1
         )
         if running:
             return dg.SkipReason(f"{job_name} run {running[0].dagster_run.run_id} is in progress")
