@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pymongo
@@ -235,3 +235,49 @@ def test_an_hour_with_a_run_in_progress_is_not_requested_again(pipeline):
     )
     again = pipeline.tick(cursor=tick.cursor)
     assert sorted(r.partition_key for r in again.run_requests) == [pk(10), pk(11)]
+
+
+def test_an_hour_whose_run_failed_is_requested_again_after_a_pause(pipeline, monkeypatch):
+    import certyo_dagster.defs.sensors as sensors
+
+    pipeline.db["products"].insert_one(_doc(hour(12, 1)))
+    first = pipeline.tick()
+    (request,) = first.run_requests
+    run_id = "0a1b2c3d-0000-4000-8000-000000000002"
+    pipeline.instance.add_run(
+        dg.DagsterRun(
+            job_name="ingest_products",
+            run_id=run_id,
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": pk(12)},
+        )
+    )
+    pipeline.instance.report_run_failed(pipeline.instance.get_run_by_id(run_id))
+
+    # Right after the failure: the same run key, which Dagster will not launch twice.
+    soon = pipeline.tick(cursor=first.cursor)
+    assert [r.run_key for r in soon.run_requests] == [request.run_key]
+    # Once the pause is over, a new key: the hour is tried again.
+    monkeypatch.setattr(sensors, "RETRY_FAILED_HOUR_AFTER", timedelta(0))
+    later = pipeline.tick(cursor=first.cursor)
+    (retry,) = later.run_requests
+    assert retry.partition_key == pk(12) and retry.run_key != request.run_key
+
+
+def test_hours_inside_a_running_backfill_range_are_not_requested(pipeline):
+    pipeline.db["products"].insert_many([_doc(hour(h, 1)) for h in (13, 14, 15)])
+    pipeline.instance.add_run(
+        dg.DagsterRun(
+            job_name="ingest_products",
+            run_id="0a1b2c3d-0000-4000-8000-000000000003",
+            status=dg.DagsterRunStatus.STARTED,
+            tags={
+                "dagster/asset_partition_range_start": pk(13),
+                "dagster/asset_partition_range_end": pk(14),
+            },
+        )
+    )
+
+    tick = pipeline.tick()
+
+    assert [r.partition_key for r in tick.run_requests] == [pk(15)]

@@ -7,6 +7,7 @@ import dagster as dg
 from bson import json_util
 
 from certyo_dagster.config import CollectionSpec, PipelineSettings
+from certyo_dagster.defs.partitions import hourly_partitions
 from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES
 from certyo_dagster.extract import (
     decode_position,
@@ -22,13 +23,47 @@ from certyo_dagster.source import MongoResource
 MAX_DOCUMENTS_PER_TICK = 20_000
 
 
-def partitions_with_active_runs(instance: dg.DagsterInstance, job_name: str) -> set[str]:
-    """Hours with a queued or running run of the job: that run ships what a tick finds (or
-    fails and is retried); requesting another would only pile up overlapping runs."""
+RETRY_FAILED_HOUR_AFTER = timedelta(minutes=5)
+_RANGE_START = "dagster/asset_partition_range_start"
+_RANGE_END = "dagster/asset_partition_range_end"
+
+
+def partitions_with_active_runs(
+    instance: dg.DagsterInstance, job_name: str, partitions: dg.PartitionsDefinition
+) -> set[str]:
+    """Hours with a queued or running run of the job, single hours and backfill ranges alike:
+    that run ships what a tick finds (or fails and is retried); requesting another would only
+    pile up overlapping runs."""
+    busy: set[str] = set()
     runs = instance.get_runs(
         filters=dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1000
     )
-    return {run.tags["dagster/partition"] for run in runs if "dagster/partition" in run.tags}
+    for run in runs:
+        if "dagster/partition" in run.tags:
+            busy.add(run.tags["dagster/partition"])
+        elif _RANGE_START in run.tags and _RANGE_END in run.tags:
+            key_range = dg.PartitionKeyRange(run.tags[_RANGE_START], run.tags[_RANGE_END])
+            busy.update(partitions.get_partition_keys_in_range(key_range))
+    return busy
+
+
+def retry_generation(instance: dg.DagsterInstance, job_name: str, partition_key: str) -> int:
+    """How many runs for the hour failed more than RETRY_FAILED_HOUR_AFTER ago.
+
+    It is part of the run key: Dagster never launches a run key twice, so without it an hour
+    whose run failed for good (after the run retries in dagster.yaml) would not be requested
+    again until its next change. The delay keeps an outage from becoming a run storm.
+    """
+    cutoff = (datetime.now(timezone.utc) - RETRY_FAILED_HOUR_AFTER).timestamp()
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(
+            job_name=job_name,
+            statuses=[dg.DagsterRunStatus.FAILURE],
+            tags={"dagster/partition": partition_key},
+        ),
+        limit=100,
+    )
+    return sum(1 for r in records if r.end_time is not None and r.end_time < cutoff)
 
 
 def build_change_sensor(
@@ -38,6 +73,7 @@ def build_change_sensor(
     max_documents_per_tick: int = MAX_DOCUMENTS_PER_TICK,
 ) -> dg.SensorDefinition:
     lookback = timedelta(minutes=settings.lookback_minutes)
+    partitions = hourly_partitions(settings)
 
     @dg.sensor(
         name=f"{spec.collection}_change_sensor",
@@ -78,13 +114,14 @@ def build_change_sensor(
         cursor = encode_position(scan.position)
         if scan.position is not None:
             write_cursor_mirror(database, spec, scan.position)
-        busy = partitions_with_active_runs(context.instance, job.name)
+        busy = partitions_with_active_runs(context.instance, job.name, partitions)
         deferred = sorted(pk for pk in scan.partitions if pk in busy)
         run_requests = [
             dg.RunRequest(
                 # The newest unhandled version names the run: a tick that finds the same
                 # versions requests nothing new; a newer change requests a new run.
-                run_key=f"{pk}:{json_util.dumps(newest.ts)}:{json_util.dumps(newest.doc_id)}",
+                run_key=f"{pk}:{json_util.dumps(newest.ts)}:{json_util.dumps(newest.doc_id)}"
+                f":{retry_generation(context.instance, job.name, pk)}",
                 partition_key=pk,
                 tags={"certyo/trigger": "sensor", "certyo/unhandled_versions": str(count)},
             )
