@@ -268,7 +268,6 @@ class ChangeScan:
     position: VersionKey | None
     scanned: int
     truncated: bool
-    outside_partitions: int = 0
 
 
 def scan_changes(
@@ -296,7 +295,6 @@ def scan_changes(
     new_position = position
     blocked = False
     scanned = 0
-    outside = 0
     last_handled: VersionKey | None = None
     projection = {spec.timestamp_field: 1, "certyo_version": 1, "certyo_status": 1}
     for docs in iter_window_batches(
@@ -326,8 +324,8 @@ def scan_changes(
             if scanned >= max_documents:
                 break
         if scanned >= max_documents:
-            return ChangeScan(partitions, new_position, scanned, True, outside)
-    return ChangeScan(partitions, new_position, scanned, False, outside)
+            return ChangeScan(partitions, new_position, scanned, True)
+    return ChangeScan(partitions, new_position, scanned, False)
 
 
 def _after(a: VersionKey, b: VersionKey) -> bool:
