@@ -159,12 +159,14 @@ def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
         os.killpg(process.pid, sig)
 
 
-def _spawn(name: str, args: list[str], env: Mapping[str, str], log_dir: Path) -> subprocess.Popen:
+def _spawn(
+    name: str, args: list[str], env: Mapping[str, str], log_dir: Path, cwd: Path = REPO_ROOT
+) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it from here
     try:
         return subprocess.Popen(
             args,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -320,6 +322,9 @@ def start_stack(
                 ],
                 env,
                 log_dir,
+                # From the repo root Dagster would warn that its dagster.yaml is not the
+                # instance's (the launcher copied it into DAGSTER_HOME).
+                cwd=Path(env["DAGSTER_HOME"]),
             )
     except BaseException:
         stack.stop()
