@@ -8,10 +8,10 @@ from certyo_dagster.source import redact_uri
 @pytest.mark.parametrize(
     ("uri", "shown"),
     [
-        ("mongodb://app:S3cret@db:27017/?replicaSet=rs0", "mongodb://app:***@db:27017/?replicaSet=rs0"),
+        ("mongodb://app:placeholder1@db:27017/?replicaSet=rs0", "mongodb://app:***@db:27017/?replicaSet=rs0"),
         ("mongodb+srv://u:p%40ss@c.example.net/?w=1", "mongodb+srv://u:***@c.example.net/?w=1"),
         # unescaped '/', '?', '#' or '@' in a pasted password defeat urlsplit
-        ("mongodb://app:s3cr3t/x1@db:27017/", "mongodb://app:***@db:27017/"),
+        ("mongodb://app:placeholder/x1@db:27017/", "mongodb://app:***@db:27017/"),
         ("mongodb://app:a?b#c@db/", "mongodb://app:***@db/"),
         ("mongodb://app:p@ss@db/", "mongodb://app:***@db/"),
         ("mongodb://db:27017/", "mongodb://db:27017/"),
