@@ -14,6 +14,7 @@ never holding the window in a list, and records the write-back operations it rec
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -282,6 +283,16 @@ class Stopwatch:
         self.client_cpu = process_cpu_seconds() - client
         if self.server_pid:
             self.server_cpu = process_cpu_seconds(self.server_pid) - server
+
+
+def catalog_parser(doc: str, *, documents: int, repeat: int) -> argparse.ArgumentParser:
+    """The options every catalog-ingest benchmark takes; a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=documents)
+    parser.add_argument("--repeat", type=int, default=repeat, help="runs; medians are reported")
+    parser.add_argument("--in-flight", type=int, default=4, help="concurrent bulk requests")
+    parser.add_argument("--pool", type=int, default=10_000, help="distinct generated products")
+    return parser
 
 
 def machine() -> dict[str, Any]:

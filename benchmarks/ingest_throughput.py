@@ -21,7 +21,6 @@ trip to a hosted API that loopback lacks (default 0: the loopback figures).
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import threading
@@ -42,6 +41,7 @@ from _common import (
     GeneratedCollection,
     GeneratedDatabase,
     Stopwatch,
+    catalog_parser,
     file_sandbox,
     latency,
     median,
@@ -248,11 +248,7 @@ def one_run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
-    parser.add_argument("--in-flight", type=int, default=4, help="concurrent bulk requests")
-    parser.add_argument("--pool", type=int, default=10_000, help="distinct generated products")
+    parser = catalog_parser(__doc__, documents=100_000, repeat=3)
     parser.add_argument(
         "--latency-ms", type=float, default=0.0, help="simulated round trip per bulk call"
     )

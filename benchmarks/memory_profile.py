@@ -11,7 +11,6 @@ into one certyo-sandbox subprocess (SQLite file in a temp dir). The RSS of this 
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from typing import Any
@@ -26,6 +25,7 @@ from _common import (
     CatalogSource,
     GeneratedCollection,
     GeneratedDatabase,
+    catalog_parser,
     file_sandbox,
     median,
     rss_mb,
@@ -116,11 +116,7 @@ def one_run(source: CatalogSource, run: int, in_flight: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--documents", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=1, help="runs; medians are reported")
-    parser.add_argument("--in-flight", type=int, default=4, help="concurrent bulk requests")
-    parser.add_argument("--pool", type=int, default=10_000, help="distinct generated products")
+    parser = catalog_parser(__doc__, documents=1_000_000, repeat=1)
     args = parser.parse_args()
 
     source = CatalogSource(args.documents, pool=args.pool)
