@@ -17,12 +17,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m certyo_dagster.launcher
+	$(BIN)/python -m certyo_demo.launcher
 
 # Non-interactive end to end: seed, ingest the last hours, anchor, verify, summary; non-zero
 # exit when anything is missing. Data and logs: .certyo_run/make-demo
 demo: $(STAMP)
-	$(BIN)/python -m certyo_dagster.demo run
+	$(BIN)/python -m certyo_demo run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

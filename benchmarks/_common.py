@@ -1,6 +1,6 @@
 """What the benchmarks share: catalog documents, an in-memory collection, the sandbox, results.
 
-Documents are demo-catalog products (`certyo_dagster.demo.catalog.product`: nested variants
+Documents are demo-catalog products (`certyo_demo.catalog.product`: nested variants
 and reviews, Decimal128 prices, UUID and binary fields, naive UTC dates, Int64 counters, a
 DBRef). Building one costs ~270 us of `random` calls, which would dominate any benchmark,
 so a pool of distinct products is built once and kept as BSON. Document `i` is pool entry
@@ -34,10 +34,10 @@ from typing import Any
 import bson
 from bson import ObjectId
 
-from certyo_dagster.config import CollectionSpec
-from certyo_dagster.demo.catalog import TIMESTAMP_FIELD, product
-from certyo_dagster.sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
-from certyo_dagster.sandbox.server import SandboxProcess
+from certyo_dagster.settings import CollectionSpec
+from certyo_demo.catalog import TIMESTAMP_FIELD, product
+from certyo_sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
+from certyo_sandbox.server import SandboxProcess
 
 API_KEY = DEFAULT_API_KEY
 TENANT = DEFAULT_TENANT

@@ -50,9 +50,9 @@ from _common import (
 )
 from bson import Int64, ObjectId
 
-from certyo_dagster.certyo.client import CertyoClient
-from certyo_dagster.ingest import WindowIngestor
-from certyo_dagster.sanitize import to_certyo_record
+from certyo_dagster.sanitize.records import to_certyo_record
+from certyo_dagster.ship.client import CertyoClient
+from certyo_dagster.ship.ingest import WindowIngestor
 
 BULK = 1000
 BULK_PATH = "/api/v1/records/bulk"

@@ -33,8 +33,8 @@ from _common import (
     write_result,
 )
 
-from certyo_dagster.certyo.client import CertyoClient
-from certyo_dagster.ingest import WindowIngestor
+from certyo_dagster.ship.client import CertyoClient
+from certyo_dagster.ship.ingest import WindowIngestor
 
 MARKS = (0.1, 0.5, 1.0)
 TARGET_PEAK_MB = 300

@@ -19,8 +19,8 @@ import orjson
 import requests
 from _common import process_cpu_seconds
 
-from certyo_dagster.sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
-from certyo_dagster.sandbox.server import SandboxProcess
+from certyo_sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
+from certyo_sandbox.server import SandboxProcess
 
 BULK_SIZE = 1000
 

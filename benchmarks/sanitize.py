@@ -29,8 +29,9 @@ import orjson
 from _common import TENANT, CatalogSource, median, spec_for, write_result
 from bson import json_util
 
-from certyo_dagster.certyo.hashing import record_hash
-from certyo_dagster.sanitize import CertyoRecordEncoder, sanitize_document
+from certyo_dagster.prove.hashing import record_hash
+from certyo_dagster.sanitize.documents import sanitize_document
+from certyo_dagster.sanitize.records import CertyoRecordEncoder
 
 
 def per_cpu_second(function: Callable[[Any], Any], items: list[Any]) -> float:

@@ -39,9 +39,10 @@ from _common import (  # noqa: E402
     write_result,
 )
 
-from certyo_dagster.certyo.client import CertyoClient  # noqa: E402
-from certyo_dagster.sanitize import to_certyo_record, version_ms  # noqa: E402
-from certyo_dagster.verify import PendingVerifier  # noqa: E402
+from certyo_dagster.sanitize.documents import version_ms  # noqa: E402
+from certyo_dagster.sanitize.records import to_certyo_record
+from certyo_dagster.ship.client import CertyoClient  # noqa: E402
+from certyo_dagster.verify.pending import PendingVerifier  # noqa: E402
 
 PHASES = {"sequential (reference worker)": 1, "certyo_dagster (8 in flight)": 8}
 

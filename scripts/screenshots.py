@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from certyo_dagster.demo.browser import chromium_binary, run_chromium
-from certyo_dagster.launcher import Stack, free_port, start_stack
+from certyo_demo.browser import chromium_binary, run_chromium
+from certyo_demo.launcher import Stack, free_port, start_stack
 
 LOCATION = "certyo_dagster"
 PAGES = {

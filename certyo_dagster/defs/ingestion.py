@@ -14,21 +14,21 @@ import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
-from certyo_dagster.certyo.errors import CertyoError
-from certyo_dagster.certyo.resource import CertyoResource
-from certyo_dagster.config import CollectionSpec, PipelineSettings
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import build_ingest_schedule
-from certyo_dagster.defs.sensors import build_change_sensor
-from certyo_dagster.extract import (
+from certyo_dagster.capture.cursors import read_cursor_mirror
+from certyo_dagster.capture.polling import (
     DEAD_LETTERS_COLLECTION,
     count_untimestamped,
     ensure_indexes,
-    read_cursor_mirror,
 )
-from certyo_dagster.ingest import IngestFailedError, IngestReport, WindowIngestor
-from certyo_dagster.sanitize import iso_utc
-from certyo_dagster.source import MongoResource, redact_uri
+from certyo_dagster.defs.partitions import hourly_partitions
+from certyo_dagster.defs.schedules import build_ingest_schedule
+from certyo_dagster.defs.sensors import build_change_sensor
+from certyo_dagster.sanitize.documents import iso_utc
+from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.ship.errors import CertyoError
+from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIngestor
+from certyo_dagster.ship.resource import CertyoResource
+from certyo_dagster.source.mongo import MongoResource, redact_uri
 
 CERTYO_POOL = "certyo"
 

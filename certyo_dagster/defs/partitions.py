@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from certyo_dagster.config import PipelineSettings
-from certyo_dagster.extract import HOUR_FORMAT
+from certyo_dagster.capture.polling import HOUR_FORMAT
+from certyo_dagster.settings import PipelineSettings
 
 
 def hourly_partitions(settings: PipelineSettings) -> dg.HourlyPartitionsDefinition:

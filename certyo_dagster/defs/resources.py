@@ -7,9 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from certyo_dagster.certyo.resource import CertyoResource
-from certyo_dagster.config import PipelineSettings
-from certyo_dagster.source import MongoResource
+from certyo_dagster.settings import PipelineSettings
+from certyo_dagster.ship.resource import CertyoResource
+from certyo_dagster.source.mongo import MongoResource
 
 SANDBOX_BASE_URL = "http://127.0.0.1:8080"
 SANDBOX_TENANT_ID = "sandbox-tenant"

@@ -5,8 +5,8 @@ from typing import Any
 
 import dagster as dg
 
-from certyo_dagster.config import CollectionSpec, PipelineSettings
-from certyo_dagster.extract import partition_key_for, utc_aware
+from certyo_dagster.capture.polling import partition_key_for, utc_aware
+from certyo_dagster.settings import CollectionSpec, PipelineSettings
 
 # Runs in these states will still do their work; schedules and sensors do not add another.
 ACTIVE_RUN_STATUSES = [

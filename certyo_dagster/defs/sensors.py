@@ -6,19 +6,19 @@ from typing import Any
 import dagster as dg
 from bson import json_util
 
-from certyo_dagster.config import CollectionSpec, PipelineSettings
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES
-from certyo_dagster.extract import (
+from certyo_dagster.capture.cursors import (
     decode_position,
     encode_position,
     read_cursor_mirror,
-    scan_changes,
     write_cursor_mirror,
 )
-from certyo_dagster.ingest import is_acknowledged
-from certyo_dagster.sanitize import version_ms
-from certyo_dagster.source import MongoResource
+from certyo_dagster.capture.polling import scan_changes
+from certyo_dagster.defs.partitions import hourly_partitions
+from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES
+from certyo_dagster.sanitize.documents import version_ms
+from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.ship.ingest import is_acknowledged
+from certyo_dagster.source.mongo import MongoResource
 
 MAX_DOCUMENTS_PER_TICK = 20_000
 

@@ -13,15 +13,15 @@ import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
-from certyo_dagster.audit import TamperReport, run_tamper_audit
-from certyo_dagster.certyo.resource import CertyoResource
-from certyo_dagster.config import CollectionSpec, PipelineSettings
+from certyo_dagster.capture.polling import ensure_indexes
 from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
 from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
-from certyo_dagster.extract import ensure_indexes
-from certyo_dagster.sanitize import iso_utc
-from certyo_dagster.source import MongoResource
-from certyo_dagster.verify import (
+from certyo_dagster.sanitize.documents import iso_utc
+from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.ship.resource import CertyoResource
+from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.verify.audit import TamperReport, run_tamper_audit
+from certyo_dagster.verify.pending import (
     DEFAULT_MAX_ERRORS,
     DEFAULT_PAGE_SIZE,
     INTEGRITY_REASONS,

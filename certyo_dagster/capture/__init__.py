@@ -1,0 +1,1 @@
+"""How changes are read: each capture mode yields document versions in a position order."""

@@ -1,1 +1,0 @@
-"""Everything that speaks Certyo: the HTTP client, the record hash and the Merkle proofs."""

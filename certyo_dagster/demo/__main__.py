@@ -1,3 +1,0 @@
-from certyo_dagster.demo.cli import main
-
-raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Where changes come from: the MongoDB deployment, its clients and indexes."""

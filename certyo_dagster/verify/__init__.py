@@ -1,0 +1,1 @@
+"""Checking what Certyo anchored: verification write-back, the anchoring report, tamper audit."""

@@ -1,0 +1,3 @@
+from certyo_demo.cli import main
+
+raise SystemExit(main())
