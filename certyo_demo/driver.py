@@ -25,7 +25,8 @@ from tabulate import tabulate
 from certyo_dagster.capture.polling import HOUR_FORMAT
 from certyo_dagster.settings import DEFAULT_DATABASE
 from certyo_dagster.source.mongo import close_all_clients, open_client
-from certyo_demo.launcher import REPO_ROOT, RUN_DIR_NAME, Stack, free_port, start_stack
+from certyo_demo.launcher import REPO_ROOT, RUN_DIR_NAME, Stack, start_stack
+from certyo_demo.servers import free_port
 
 COLLECTION = "products"
 VERIFY_ROUNDS = 6

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from pathlib import Path
 import requests
 
 from certyo_dagster.source.mongo import redact_uri
+from certyo_demo.servers import free_port, signal_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR_NAME = ".certyo_run"
@@ -51,24 +51,6 @@ def default_run_dir() -> Path:
 
 def embedded_uri(run_dir: Path) -> str:
     return f"montydb://{(run_dir / 'mongo').resolve()}"
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
-    """`preferred` if nothing listens there, else a port the kernel picks."""
-    if preferred and port_is_free(preferred, host):
-        return preferred
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _floor_hour(ts: datetime) -> datetime:
@@ -141,22 +123,17 @@ class Stack:
         """SIGINT each process group (what Ctrl-C does), then SIGKILL what is left."""
         started = list(self.processes.items())
         for _, process in reversed(started):
-            _signal_group(process, signal.SIGINT)
+            signal_group(process, signal.SIGINT)
         deadline = time.monotonic() + grace
         for _, process in reversed(started):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(max(0.1, deadline - time.monotonic()))
         for _, process in started:
             # The leader may be gone while its children (webserver, daemon, runs) still live.
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(5)
         self.processes.clear()
-
-
-def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
 
 
 def _spawn(

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from certyo_demo.browser import chromium_binary, run_chromium
-from certyo_demo.launcher import Stack, free_port, start_stack
+from certyo_demo.launcher import Stack, start_stack
+from certyo_demo.servers import free_port
 
 LOCATION = "certyo_dagster"
 PAGES = {

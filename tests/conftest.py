@@ -1,3 +1,9 @@
 """Shared fixtures live in tests/fixtures/, one module per external system."""
 
-pytest_plugins = ["fixtures.mongo", "fixtures.sandbox", "fixtures.pipeline", "fixtures.ledger"]
+pytest_plugins = [
+    "fixtures.servers",
+    "fixtures.mongo",
+    "fixtures.sandbox",
+    "fixtures.pipeline",
+    "fixtures.ledger",
+]

@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from certyo_dagster.source.mongo import close_all_clients, open_client
-from certyo_demo.launcher import LaunchError, Stack, free_port, start_stack
+from certyo_demo.launcher import LaunchError, Stack, start_stack
+from certyo_demo.servers import free_port
 
 NOW = datetime(2026, 3, 1, 12, 30)
 

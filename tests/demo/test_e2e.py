@@ -20,7 +20,8 @@ import requests
 from certyo_dagster.capture.polling import HOUR_FORMAT
 from certyo_dagster.source.mongo import close_all_clients, open_client
 from certyo_demo.browser import chromium_binary, run_chromium
-from certyo_demo.launcher import Stack, free_port, start_stack
+from certyo_demo.launcher import Stack, start_stack
+from certyo_demo.servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -1,0 +1,231 @@
+"""Local servers for `make run`, the tests and the benchmarks, each a separate process.
+
+`SecantusServer` runs SecantusDB (PyPI `secantusdb`, from the `dev` extra), a
+MongoDB-wire-compatible server. It is GPL-2.0, so it is only ever started as a program and
+spoken to over the wire, never imported. Each server runs in a process group of its own, so
+stopping it stops everything it started, and an interpreter that exits without stopping it
+still kills it (`atexit`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+LOOPBACK = "127.0.0.1"
+SECANTUS_REPLICA_SET = "secantus"
+SECANTUS_PROGRAM = "secantusd-py"
+MEMORY_STORAGE = ":memory:"
+_START_TIMEOUT_SECONDS = 60.0
+_STOP_GRACE_SECONDS = 10.0
+
+
+class ServerError(RuntimeError):
+    """A local server could not be started, with what to do about it."""
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(preferred: int | None = None, host: str = LOOPBACK) -> int:
+    """`preferred` when it is free, otherwise a port the OS picks."""
+    if preferred is not None and port_is_free(preferred, host):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def program_path(name: str) -> str:
+    """A console script of this environment (beside the interpreter), or one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ServerError(
+            f"{name} is not installed: run `make install` (it comes with the dev extra)"
+        )
+    return found
+
+
+def signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    """Send `sig` to the process group `process` leads; gone already is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def stop_process(process: subprocess.Popen, grace: float = _STOP_GRACE_SECONDS) -> None:
+    """SIGTERM the group, then SIGKILL it if it is still there after `grace` seconds."""
+    if process.poll() is None:
+        signal_group(process, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+    signal_group(process, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+
+
+class SecantusServer:
+    """One SecantusDB server on 127.0.0.1.
+
+    `storage` is a folder (kept across restarts) or None for an in-memory store. Like mongod's
+    default (w:1, j:false), an acknowledged write can be lost to SIGKILL unless
+    `sync_on_commit` syncs the log on each commit, which crash tests turn on. The port is
+    chosen once, on the first start, and kept by `restart()`, so a client's URI stays valid.
+    """
+
+    def __init__(
+        self,
+        storage: Path | None = None,
+        *,
+        port: int | None = None,
+        auth: bool = False,
+        test_commands: bool = False,
+        cache_size: str | None = "256M",
+        sync_on_commit: bool = False,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.storage = storage
+        self.port = port
+        self.auth = auth
+        self.test_commands = test_commands
+        self.cache_size = cache_size
+        self.sync_on_commit = sync_on_commit
+        self.extra_args = list(extra_args)
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.port is None:
+            raise ServerError("the server has not been started")
+        return f"mongodb://{LOOPBACK}:{self.port}/?replicaSet={SECANTUS_REPLICA_SET}"
+
+    def command(self) -> list[str]:
+        storage = MEMORY_STORAGE if self.storage is None else str(self.storage)
+        args = [program_path(SECANTUS_PROGRAM), "--host", LOOPBACK, "--port", str(self.port)]
+        args += ["--storage-path", storage]
+        if self.cache_size:
+            args += ["--cache-size", self.cache_size]
+        if self.storage is not None and self.sync_on_commit:
+            args.append("--sync-on-commit")
+        if self.auth:
+            args.append("--auth")
+        if self.test_commands:
+            args.append("--enable-test-commands")
+        return args + self.extra_args
+
+    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> SecantusServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if self.port is None:
+            self.port = free_port()
+        if self.storage is not None:
+            try:
+                self.storage.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ServerError(
+                    f"cannot use {self.storage} as SecantusDB storage: {exc}"
+                ) from exc
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
+        output: Any = self._log if self._log is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _running.add(self)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"SecantusDB exited with status {self.process.returncode} while starting"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            if self.answers():
+                return
+            time.sleep(0.1)
+        self.kill()
+        raise ServerError(f"SecantusDB did not answer on port {self.port} within {timeout:.0f} s")
+
+    def answers(self) -> bool:
+        """Whether the server accepts a TCP connection (it speaks once it does)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            try:
+                sock.connect((LOOPBACK, self.port or 0))
+            except OSError:
+                return False
+        return True
+
+    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds; idempotent."""
+        if self.process is not None:
+            stop_process(self.process, grace)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        if self.process is not None:
+            signal_group(self.process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=_STOP_GRACE_SECONDS)
+        self._forget()
+
+    def restart(self, *, crash: bool = False) -> SecantusServer:
+        """Stop (or kill, with `crash`) and start again on the same port and storage."""
+        if crash:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    def _forget(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _running.discard(self)
+
+    def __enter__(self) -> SecantusServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_running: set[SecantusServer] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_running):
+        server.kill()
