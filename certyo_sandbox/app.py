@@ -28,6 +28,7 @@ from certyo_sandbox.store import SandboxStore, StoredVersion, iso_utc
 from certyo_sandbox.validation import (
     ApiError,
     FieldError,
+    Leniencies,
     bulk_envelope,
     validate_bulk,
     validate_single,
@@ -143,6 +144,7 @@ class SandboxApp:
         self.limiter = TokenBucket(config.rate_limit_rps) if config.rate_limit_rps else None
         self.requests_by_status: Counter[int] = Counter()
         self.idempotent_replays = 0
+        self.leniencies: Leniencies = Counter()
         self._anchor_task: asyncio.Task | None = None
         self._api_routes: dict[tuple[str, str], Handler] = {
             ("POST", "/api/v1/records"): self._ingest_one,
@@ -374,8 +376,24 @@ class SandboxApp:
 
     # -- Certyo API -------------------------------------------------------------------
 
+    def _note_leniencies(self, request: Request, noted: Leniencies) -> None:
+        """Log, once per request, what was accepted only because the reference allows it."""
+        if not noted:
+            return
+        self.leniencies.update(noted)
+        described = "; ".join(f"{count} × {what}" for what, count in sorted(noted.items()))
+        log.warning(
+            "%s accepted beyond the strict form (start with --strict to refuse): %s",
+            request.url.path,
+            described,
+        )
+
     async def _ingest_one(self, request: Request, tenant: str) -> Response:
-        record = validate_single(await self._read_json(request), tenant)
+        noted: Leniencies = Counter()
+        record = validate_single(
+            await self._read_json(request), tenant, strict=self.config.strict, leniencies=noted
+        )
+        self._note_leniencies(request, noted)
         outcome = self._store.ingest(tenant, [record], time.time(), bulk=False)
         self.idempotent_replays += outcome.replayed
         self._flush_full_batches(time.time())
@@ -383,7 +401,9 @@ class SandboxApp:
 
     async def _ingest_bulk(self, request: Request, tenant: str) -> Response:
         _, raw_records = bulk_envelope(await self._read_json(request), tenant)
-        records = validate_bulk(raw_records, tenant)
+        noted: Leniencies = Counter()
+        records = validate_bulk(raw_records, tenant, strict=self.config.strict, leniencies=noted)
+        self._note_leniencies(request, noted)
         outcome = self._store.ingest(tenant, records, time.time(), bulk=True)
         self.idempotent_replays += outcome.replayed
         self._flush_full_batches(time.time())
@@ -507,6 +527,7 @@ class SandboxApp:
                 "batches_anchored": store.batches_anchored,
                 "idempotent_replays": self.idempotent_replays,
                 "pending_records": store.pending_records,
+                "leniencies": dict(sorted(self.leniencies.items())),
             }
         )
 

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve /_sandbox/faults and /_sandbox/flush (tests only)",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse what the Certyo reference allows but a careful client avoids (a "
+        "sourceTimestamp without a UTC offset, unknown or empty fields); by default such "
+        "requests are accepted with a warning in this log",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
         "--announce-port",
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_limit_rps=args.rate_limit_rps,
             enable_fault_injection=args.enable_fault_injection,
             max_body_bytes=args.max_body_bytes,
+            strict=args.strict,
         )
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))

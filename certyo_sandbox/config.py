@@ -16,7 +16,9 @@ class SandboxConfig:
     `api_keys` maps API key to tenant. `db_path` is a SQLite file, or ":memory:" for a
     database that lives as long as the server. A batch is flushed when `flush_records`
     records are pending or the oldest pending record is `flush_seconds` old; its records
-    count as anchored on chain `anchor_delay_seconds` after the flush.
+    count as anchored on chain `anchor_delay_seconds` after the flush. With `strict`, requests
+    that the Certyo reference allows but a careful client avoids are refused instead of
+    accepted with a warning (see `certyo_sandbox.validation`).
     """
 
     api_keys: dict[str, str] = field(default_factory=lambda: {DEFAULT_API_KEY: DEFAULT_TENANT})
@@ -27,6 +29,7 @@ class SandboxConfig:
     rate_limit_rps: float | None = None
     enable_fault_injection: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not self.api_keys:
@@ -54,5 +57,5 @@ class SandboxConfig:
             f" anchor_delay_seconds={self.anchor_delay_seconds},"
             f" rate_limit_rps={self.rate_limit_rps},"
             f" enable_fault_injection={self.enable_fault_injection},"
-            f" max_body_bytes={self.max_body_bytes})"
+            f" max_body_bytes={self.max_body_bytes}, strict={self.strict})"
         )

@@ -3,13 +3,21 @@
 Nothing here does I/O: the app parses JSON, these functions say what is wrong with it in
 terms a client developer can act on (every problem names the field), and the store only
 ever sees records that passed.
+
+The sandbox accepts everything the Certyo API reference documents, including what the
+reference's own example programs send. Where it would be stricter than the reference (a
+`sourceTimestamp` without a UTC offset, unknown or empty fields, very long idempotency keys),
+it accepts the request and notes a leniency, which the app logs as a warning; with `strict`
+those requests are refused instead, which our own tests turn on to hold our client to the
+stricter form.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import orjson
@@ -86,20 +94,44 @@ class ValidRecord:
         return self.fields.get("idempotencyKey")
 
 
+Leniencies = Counter  # what was accepted beyond our stricter reading, by description
+
+LENIENT_NAIVE_TIMESTAMP = "sourceTimestamp without a UTC offset (read as UTC)"
+LENIENT_DATE_TIMESTAMP = "sourceTimestamp that is a date without a time (read as 00:00 UTC)"
+LENIENT_UNKNOWN_FIELD = "unknown record field {name!r} (ignored)"
+LENIENT_EMPTY_FIELD = "empty {name} (treated as absent)"
+LENIENT_LONG_KEY = f"idempotencyKey longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+
+
 def validate_record(
-    raw: Any, *, tenant: str, index: int | None = None, inherited_tenant: str | None = None
+    raw: Any,
+    *,
+    tenant: str,
+    index: int | None = None,
+    inherited_tenant: str | None = None,
+    strict: bool = False,
+    leniencies: Leniencies | None = None,
 ) -> tuple[ValidRecord | None, list[FieldError], bool]:
     """Check one record. Returns (record or None, errors, tenant_mismatch).
 
     `inherited_tenant` is the bulk envelope's tenantId, used when a record omits its own.
     `tenant_mismatch` is True when the only problem is a tenantId other than the key's,
-    which the caller answers with 403 rather than 400.
+    which the caller answers with 403 rather than 400. Without `strict`, what the reference
+    allows but our stricter reading would refuse is accepted and counted in `leniencies`.
     """
     errors: list[FieldError] = []
+    noted = leniencies if leniencies is not None else Counter()
 
     def fail(name: str, message: str) -> None:
         prefix = "" if index is None else f"records[{index}]."
         errors.append(FieldError(prefix + name, message, index))
+
+    def lenient(name: str, message: str, leniency: str) -> None:
+        """Refuse under `strict`; otherwise accept and note it."""
+        if strict:
+            fail(name, message)
+        else:
+            noted[leniency] += 1
 
     if not isinstance(raw, dict):
         where = "body" if index is None else f"records[{index}]"
@@ -109,7 +141,11 @@ def validate_record(
     if not RECORD_FIELDS.issuperset(raw):
         for name in raw:
             if name not in RECORD_FIELDS:
-                fail(name, f"unknown field {name!r}; allowed: {', '.join(sorted(RECORD_FIELDS))}")
+                lenient(
+                    name,
+                    f"unknown field {name!r}; allowed: {', '.join(sorted(RECORD_FIELDS))}",
+                    LENIENT_UNKNOWN_FIELD.format(name=name),
+                )
 
     record: dict[str, Any] = {}
     for name in REQUIRED_STRING_FIELDS:
@@ -138,10 +174,16 @@ def validate_record(
         if not isinstance(value, str):
             fail(name, f"{name} must be a string, got {_json_type(value)}")
         elif not value:
-            fail(name, f"{name} must not be empty when given")
-        elif name == "idempotencyKey" and len(value) > MAX_IDEMPOTENCY_KEY_CHARS:
-            fail(name, f"idempotencyKey is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+            lenient(
+                name, f"{name} must not be empty when given", LENIENT_EMPTY_FIELD.format(name=name)
+            )
         else:
+            if name == "idempotencyKey" and len(value) > MAX_IDEMPOTENCY_KEY_CHARS:
+                lenient(
+                    name,
+                    f"idempotencyKey is longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                    LENIENT_LONG_KEY,
+                )
             record[name] = value
     record.setdefault("recordVersion", DEFAULT_RECORD_VERSION)
 
@@ -161,7 +203,10 @@ def validate_record(
         if problem:
             fail("sourceTimestamp", problem)
         else:
-            record["sourceTimestamp"] = timestamp
+            leniency = timestamp_leniency(timestamp)
+            if leniency is not None:
+                lenient("sourceTimestamp", strict_timestamp_message(timestamp), leniency)
+            record["sourceTimestamp"] = timestamp  # kept exactly as sent
 
     digest = ""
     if isinstance(payload, dict):
@@ -205,19 +250,49 @@ def record_fingerprint(fields: dict[str, Any], payload_hash: str) -> bytes:
     return hashlib.sha256(orjson.dumps(envelope)).digest()
 
 
+def source_time(value: str) -> datetime:
+    """The instant an ISO 8601 `sourceTimestamp` names; no offset means UTC.
+
+    Raises ValueError when `value` is not ISO 8601 (a date, or a date and time).
+    """
+    text = value.strip()
+    if "T" not in text and " " not in text:
+        day = date.fromisoformat(text)
+        return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    if text.endswith(("Z", "z")):  # Python 3.10's fromisoformat does not read "Z"
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
 def timestamp_problem(value: Any) -> str | None:
-    """Why `value` is not an ISO 8601 timestamp with an explicit offset, or None."""
+    """Why `value` is not an ISO 8601 timestamp at all, or None."""
     if not isinstance(value, str):
         return f"sourceTimestamp must be an ISO 8601 string, got {_json_type(value)}"
-    if "T" not in value and " " not in value:
-        return f"sourceTimestamp must be an ISO 8601 date-time, got {value!r}"
     try:
-        parsed = datetime.fromisoformat(value)
+        source_time(value)
     except ValueError:
         return f"sourceTimestamp is not ISO 8601: {value!r}"
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        return f"sourceTimestamp must carry a UTC offset such as 'Z' or '+00:00', got {value!r}"
     return None
+
+
+def timestamp_leniency(value: str) -> str | None:
+    """The leniency an ISO 8601 `value` needs (no explicit offset, or no time), or None."""
+    text = value.strip()
+    if "T" not in text and " " not in text:
+        return LENIENT_DATE_TIMESTAMP
+    if text.endswith(("Z", "z")):
+        return None
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        return LENIENT_NAIVE_TIMESTAMP
+    return None
+
+
+def strict_timestamp_message(value: str) -> str:
+    return f"sourceTimestamp must carry a UTC offset such as 'Z' or '+00:00', got {value!r}"
 
 
 def bulk_envelope(body: Any, tenant: str) -> tuple[str, list[Any]]:
@@ -278,14 +353,25 @@ def bulk_envelope(body: Any, tenant: str) -> tuple[str, list[Any]]:
     return envelope_tenant, records
 
 
-def validate_bulk(records: list[Any], tenant: str) -> list[ValidRecord]:
+def validate_bulk(
+    records: list[Any],
+    tenant: str,
+    *,
+    strict: bool = False,
+    leniencies: Leniencies | None = None,
+) -> list[ValidRecord]:
     """All records valid, or ApiError listing every bad record by index (nothing accepted)."""
     valid: list[ValidRecord] = []
     errors: list[FieldError] = []
     forbidden = False
     for i, raw in enumerate(records):
         record, record_errors, mismatch = validate_record(
-            raw, tenant=tenant, index=i, inherited_tenant=tenant
+            raw,
+            tenant=tenant,
+            index=i,
+            inherited_tenant=tenant,
+            strict=strict,
+            leniencies=leniencies,
         )
         if record is None:
             errors.extend(record_errors)
@@ -313,9 +399,13 @@ def validate_bulk(records: list[Any], tenant: str) -> list[ValidRecord]:
     return valid
 
 
-def validate_single(body: Any, tenant: str) -> ValidRecord:
+def validate_single(
+    body: Any, tenant: str, *, strict: bool = False, leniencies: Leniencies | None = None
+) -> ValidRecord:
     """The one record of `POST /api/v1/records`, or ApiError naming the bad fields."""
-    record, errors, mismatch = validate_record(body, tenant=tenant)
+    record, errors, mismatch = validate_record(
+        body, tenant=tenant, strict=strict, leniencies=leniencies
+    )
     if record is not None:
         return record
     if mismatch:
