@@ -29,7 +29,7 @@ SCAN_RESUMES = 3
 # MongoDB compares values of different BSON types by a fixed type order, and `$gt` only
 # matches values of the same type ("type bracketing"). To continue after an `_id` of one type
 # we must also match every `_id` of a type that sorts later: each later type is matched by a
-# lower bound of its own, which an index can serve (and mongomock can evaluate). Arrays,
+# lower bound of its own, which an index can serve. Arrays,
 # regexes and undefined cannot be an `_id`; Timestamp and MaxKey ids, which no driver
 # generates, are not paged past.
 _LATER_ID_TYPES: list[tuple[tuple[type, ...], dict]] = [
@@ -38,7 +38,7 @@ _LATER_ID_TYPES: list[tuple[tuple[type, ...], dict]] = [
     ((dict,), {"$gte": {}}),
     ((bytes, Binary, uuid.UUID), {"$gte": Binary(b"")}),
     ((ObjectId,), {"$gte": ObjectId("0" * 24)}),
-    ((bool,), {"$type": "bool"}),  # not $in [false, true]: mongomock lets 1 match true
+    ((bool,), {"$type": "bool"}),  # a type, not values: no number can ever match
     ((datetime,), {"$type": "date"}),
 ]
 

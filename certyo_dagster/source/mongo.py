@@ -20,6 +20,9 @@ from certyo_dagster.clients import ProcessClients
 _clients: ProcessClients[Any] = ProcessClients()
 
 EMBEDDED_SCHEME = "montydb://"
+# The driver's appName: the name this pipeline's connections carry in MongoDB's logs,
+# `currentOp` and profiler output.
+APP_NAME = "certyo-dagster"
 
 
 def redact_uri(uri: str) -> str:
@@ -50,10 +53,7 @@ SURROGATE_ESCAPE_CODEC = CodecOptions(
 
 def open_database(client: Any, name: str) -> Any:
     """Database `name` of `client`, decoding invalid UTF-8 as lone surrogates."""
-    try:
-        return client.get_database(name, codec_options=SURROGATE_ESCAPE_CODEC)
-    except NotImplementedError:  # mongomock, which cannot store invalid UTF-8 anyway
-        return client[name]
+    return client.get_database(name, codec_options=SURROGATE_ESCAPE_CODEC)
 
 
 def open_client(uri: str) -> Any:
@@ -64,7 +64,7 @@ def open_client(uri: str) -> Any:
             from certyo_dagster.source.embedded import open_embedded_client
 
             return open_embedded_client(uri)
-        return pymongo.MongoClient(uri, tz_aware=False, connect=False, appname="certyo-dagster")
+        return pymongo.MongoClient(uri, tz_aware=False, connect=False, appname=APP_NAME)
 
     return _clients.get(uri, create)
 

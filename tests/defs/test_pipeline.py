@@ -1,4 +1,4 @@
-"""The polling pipeline end to end: mongomock → Dagster job → Certyo sandbox over HTTP.
+"""The polling pipeline end to end: MongoDB → Dagster job → Certyo sandbox over HTTP.
 
 Each defect of the reference poller (shared/reference/pitfalls.md, "Polling worker") has a
 test named after it.
@@ -12,7 +12,7 @@ from datetime import datetime
 
 import pytest
 from bson import Decimal128, ObjectId
-from fixtures.mongo import WrappedCursor
+from fixtures.mongo import insert_raw
 from fixtures.pipeline import hour, pk
 
 from certyo_dagster.ship.errors import CertyoUnavailableError
@@ -43,8 +43,9 @@ def test_one_partition_ships_every_version_and_writes_back_pending(pipeline):
     assert "certyo_status" not in products.find_one({"updatedAt": hour(3)})
     receipts = result.asset_materializations_for_node("ingest_products_window")
     by_key = {m.asset_key.to_user_string(): m.metadata for m in receipts}
-    assert by_key["productdb/products/ingestion_receipts"]["accepted"].value == 25
-    assert by_key["productdb/products/changed_documents"]["extracted"].value == 25
+    database = pipeline.spec().database
+    assert by_key[f"{database}/products/ingestion_receipts"]["accepted"].value == 25
+    assert by_key[f"{database}/products/changed_documents"]["extracted"].value == 25
 
 
 def _records_by_id(pipeline) -> dict[str, list[dict]]:
@@ -299,17 +300,35 @@ def test_a_later_batch_succeeding_after_an_earlier_failure_does_not_move_the_pos
 
 
 def test_invalid_utf8_stored_in_mongodb_decodes_to_a_dead_letter_not_a_crash(pipeline):
-    # mongomock cannot hold invalid UTF-8; a real server can. Decode raw BSON the way the
-    # production client is configured to, then hand it to the sanitizer.
+    # Legacy writers stored Latin-1 bytes where UTF-8 belongs; MongoDB keeps them as sent.
+    from bson import encode
+
+    raw = encode({"_id": "legacy", "updatedAt": hour(1), "name": "cafe"})
+    if not insert_raw(pipeline.db["products"], raw.replace(b"cafe", b"caf\xe9")):
+        pytest.skip(
+            "this server refuses invalid UTF-8 on insert (SecantusDB does, MongoDB does not); "
+            "set CERTYO_TEST_MONGO_URI to a MongoDB deployment to run it"
+        )
+    pipeline.db["products"].insert_one(_product(1, hour(1, 5)))
+
+    result = pipeline.materialize(pk(1))
+
+    assert result.success
+    (letter,) = pipeline.db["_certyo_dead_letters"].find()
+    assert (letter["documentId"], letter["reason"]) == ("legacy", "invalid_unicode")
+    assert len(pipeline.certyo_records(collection="products")) == 1
+
+
+def test_invalid_utf8_as_the_pipeline_decodes_it_is_refused_by_the_sanitizer(pipeline):
+    # The bytes above, decoded with the codec options the pipeline's database uses.
     from bson import decode, encode
-    from bson.codec_options import CodecOptions
 
     from certyo_dagster.sanitize.documents import PoisonDocumentError
     from certyo_dagster.sanitize.records import to_certyo_record
+    from certyo_dagster.source.mongo import SURROGATE_ESCAPE_CODEC
 
     raw = encode({"_id": "legacy", "updatedAt": hour(1), "name": "cafe"})
-    raw = raw.replace(b"cafe", b"caf\xe9")  # Latin-1 bytes where UTF-8 belongs
-    doc = decode(raw, CodecOptions(unicode_decode_error_handler="surrogateescape"))
+    doc = decode(raw.replace(b"cafe", b"caf\xe9"), SURROGATE_ESCAPE_CODEC)
     with pytest.raises(PoisonDocumentError) as caught:
         to_certyo_record(doc, pipeline.spec(), "tenant-a")
     assert caught.value.reason == "invalid_unicode"
@@ -357,12 +376,11 @@ def test_a_document_edited_while_its_batch_is_in_flight_is_not_labelled_with_the
 
 
 def test_a_window_scan_resumes_after_its_last_key_across_id_types_when_the_cursor_dies(
-    pipeline, monkeypatch
+    pipeline, fail_point
 ):
-    """A primary step-down mid-scan: the cursor raises AutoReconnect; the scan reopens after
-    the last key it handed out, even inside a run of equal timestamps with mixed _id types."""
-    from pymongo.errors import AutoReconnect
-
+    """A connection lost mid-scan: the server closes it on three getMores in a row (a getMore
+    is never retried by the driver); the scan reopens after the last key it handed out, even
+    inside a run of equal timestamps with mixed _id types."""
     from certyo_dagster.capture.polling import iter_window_batches
 
     products = pipeline.db["products"]
@@ -370,31 +388,19 @@ def test_a_window_scan_resumes_after_its_last_key_across_id_types_when_the_curso
     ids = [ObjectId() for _ in range(6)] + ["a", "b", 1, 2, {"k": 1}]
     products.insert_many([{"_id": i, "updatedAt": tie} for i in ids])
     products.insert_one({"_id": "later", "updatedAt": hour(16, 45)})
-    real_find = type(products).find
-    calls = {"n": 0}
+    watched = pipeline.resources["mongo"].get_collection("products")  # the pipeline's client
+    fail_point.arm({"times": 3}, commands=["getMore"], closeConnection=True)
 
-    def dies_after_three(docs):
-        for count, doc in enumerate(docs):
-            if count == 3:
-                raise AutoReconnect("primary stepped down")
-            yield doc
-
-    def flaky_find(self, *args, **kwargs):
-        cursor = real_find(self, *args, **kwargs)
-        calls["n"] += 1
-        return cursor if calls["n"] > 3 else WrappedCursor(cursor, dies_after_three)
-
-    monkeypatch.setattr(type(products), "find", flaky_find)
     seen = [
         d["_id"]
-        for batch in iter_window_batches(
-            products, pipeline.spec(), hour(16), hour(17), batch_size=2
-        )
+        for batch in iter_window_batches(watched, pipeline.spec(), hour(16), hour(17), batch_size=2)
         for d in batch
     ]
 
     assert sorted(map(repr, seen)) == sorted(map(repr, ids + ["later"]))
     assert len(seen) == len(ids) + 1
+    # All three faults fired: the fail point is spent, so a getMore now goes through.
+    assert len(list(watched.find({}).batch_size(1))) == len(ids) + 1
 
 
 def test_pitfall_unbounded_memory__the_ingestor_reads_at_most_in_flight_plus_one_batches_ahead(
@@ -472,7 +478,7 @@ def test_an_existing_index_on_the_same_keys_is_reused_and_a_refusal_only_warns(p
             return {"_id_": {"key": [("_id", 1)]}}
 
         def create_index(self, keys, name):
-            raise OperationFailure("not authorized on productdb", code=13)
+            raise OperationFailure("not authorized on shop", code=13)
 
     warning = ensure_index(NoPrivilege(), [("certyo_status", 1), ("_id", 1)], "certyo_status_id")
     assert "certyo_status_id" in warning and "not authorized" in warning

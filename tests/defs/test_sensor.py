@@ -201,10 +201,10 @@ def test_two_collections_build_two_independent_sets_of_definitions(mongo, sandbo
         assert defs.resolve_schedule_def(f"ingest_{c}_hourly")
         assert defs.resolve_sensor_def(f"{c}_change_sensor")
     graph = defs.resolve_asset_graph()
-    orders_receipts = dg.AssetKey(["productdb", "orders", "ingestion_receipts"])
+    orders_receipts = dg.AssetKey([mongo.database, "orders", "ingestion_receipts"])
     assert graph.get(orders_receipts).group_name == "orders"
-    upstream = graph.get(dg.AssetKey(["productdb", "orders", "changed_documents"])).parent_keys
-    assert upstream == {dg.AssetKey(["productdb", "orders"])}
+    upstream = graph.get(dg.AssetKey([mongo.database, "orders", "changed_documents"])).parent_keys
+    assert upstream == {dg.AssetKey([mongo.database, "orders"])}
 
     pipeline.db["orders"].insert_one({"_id": 1, "modifiedAt": hour(3, 1), "total": 5})
     pipeline.db["products"].insert_one(_doc(hour(3, 2)))

@@ -1,6 +1,7 @@
 """Run one ingestion of one partition in this process, and SIGKILL it at a chosen point.
 
-    python tests/faults/crash_harness.py MONGO_URI BASE_URL PARTITION_START PARTITION_KEY POINT
+    python tests/faults/crash_harness.py MONGO_URI DATABASE BASE_URL PARTITION_START \
+        PARTITION_KEY POINT
 
 The API key comes from CERTYO_API_KEY. The definitions are the ones users get
 (`build_definitions`); only this script's process wraps the Certyo client and the write-back
@@ -67,7 +68,7 @@ class DyingCertyoResource(CertyoResource):
 
 
 def main(argv: list[str]) -> int:
-    mongo_uri, base_url, partition_start, partition_key, point = argv
+    mongo_uri, database, base_url, partition_start, partition_key, point = argv
     if point not in POINTS:
         raise SystemExit(f"POINT must be one of {', '.join(POINTS)}")
     if point == "after_write_back":
@@ -79,11 +80,11 @@ def main(argv: list[str]) -> int:
 
         ingest.WindowIngestor.run = run_then_die
     settings = PipelineSettings(
-        collections=[CollectionSpec("productdb", "products")],
+        collections=[CollectionSpec(database, "products")],
         partition_start=datetime.fromisoformat(partition_start),
     )
     resources = {
-        "mongo": MongoResource(uri=mongo_uri, database="productdb"),
+        "mongo": MongoResource(uri=mongo_uri, database=database),
         "certyo": DyingCertyoResource(
             base_url=base_url,
             api_key=dg.EnvVar("CERTYO_API_KEY"),

@@ -1,47 +1,101 @@
 """Fault matrix: poison inputs. Each becomes a dead letter or a correct record, never a crash
 and never a hang.
 
-mongomock cannot hold invalid UTF-8 or lone surrogates; a real server can. The `mongo`
-resource here hands out documents the way pymongo decodes such bytes
-(`unicode_decode_error_handler="surrogateescape"`, as `certyo_dagster.source.mongo` configures it):
-a document carrying `_raw_patch` is encoded to BSON, the patch is applied to the bytes, and
-it is decoded again.
+Invalid UTF-8 and lone surrogates are stored as raw BSON bytes, the way legacy writers left
+them, and read back through the pipeline's client (`unicode_decode_error_handler=
+"surrogateescape"`, as `certyo_dagster.source.mongo` configures it). MongoDB stores such bytes
+as sent; SecantusDB refuses them on insert. Against a server that refuses them, and only
+then, the valid document is stored and the watched collection's cursors apply the same byte
+patch on the way out (`RawBytesMongoResource`): no server there can produce these bytes.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pytest
 from bson import Binary, Int64, ObjectId, decode, encode
-from bson.codec_options import CodecOptions
 from fixtures.ledger import drive, reconfigured
-from fixtures.mongo import WrappedDatabase
+from fixtures.mongo import insert_raw
 from fixtures.pipeline import hour
 
-from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.source.mongo import SURROGATE_ESCAPE_CODEC, MongoResource
 
-RAW_DECODE = CodecOptions(unicode_decode_error_handler="surrogateescape")
 CONFIG = {"batch_size": 13, "max_in_flight": 2, "max_payload_bytes": 20_000}
 
 
-def _as_a_real_server_returns_it(doc: dict) -> dict:
-    patch = doc.get("_raw_patch")
-    if not patch:
-        return doc
-    raw = encode(doc)
-    for old, new in patch:
+def _patched(doc: dict) -> bytes:
+    raw = encode({k: v for k, v in doc.items() if k != "_raw_patch"})
+    for old, new in doc["_raw_patch"]:
         raw = raw.replace(bytes.fromhex(old), bytes.fromhex(new))
-    return decode(raw, RAW_DECODE)
+    return raw
 
 
-def _raw_documents(docs):
-    return (_as_a_real_server_returns_it(d) for d in docs)
+def _as_mongodb_returns_it(doc: dict) -> dict:
+    if not doc.get("_raw_patch"):
+        return doc
+    return decode(_patched(doc), SURROGATE_ESCAPE_CODEC)
+
+
+class _PatchedCursor:
+    def __init__(self, cursor: Any):
+        self._cursor = cursor
+
+    def batch_size(self, size: int) -> _PatchedCursor:
+        self._cursor = self._cursor.batch_size(size)
+        return self
+
+    def close(self) -> None:
+        self._cursor.close()
+
+    def __iter__(self) -> Iterator[dict]:
+        return (_as_mongodb_returns_it(d) for d in self._cursor)
+
+
+class _PatchedDatabase:
+    """The database, except that `products` cursors return patched documents."""
+
+    def __init__(self, database: Any):
+        self._database = database
+
+    def __getitem__(self, name: str) -> Any:
+        collection = self._database[name]
+        if name != "products":
+            return collection
+
+        class PatchedCollection:
+            def find(self, *args: Any, **kwargs: Any) -> _PatchedCursor:
+                return _PatchedCursor(collection.find(*args, **kwargs))
+
+            def __getattr__(self, attribute: str) -> Any:
+                return getattr(collection, attribute)
+
+        return PatchedCollection()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._database, name)
 
 
 class RawBytesMongoResource(MongoResource):
     def get_database(self):
-        return WrappedDatabase(super().get_database(), "products", _raw_documents)
+        return _PatchedDatabase(super().get_database())
+
+
+def _write_all(ledger: Any, docs: Iterable[dict]) -> bool:
+    """Store every document; True when the server stored the raw bytes themselves."""
+    stored_raw = True
+    for doc in docs:
+        if not doc.get("_raw_patch"):
+            ledger.write(doc)
+        elif stored_raw and insert_raw(ledger.collection, _patched(doc)):
+            ledger.adopt(doc["_id"])
+        else:
+            stored_raw = False
+            entry = ledger.write(doc)
+            entry.document = _as_mongodb_returns_it(entry.document)
+    return stored_raw
 
 
 def _nested(depth: int) -> dict:
@@ -83,10 +137,11 @@ def _poison_documents() -> list[dict]:
 
 @pytest.mark.timeout(120)
 def test_poison_inputs_become_dead_letters_or_correct_records_never_a_crash(pipeline, loss_ledger):
-    current = pipeline.resources["mongo"]
-    raw = reconfigured(pipeline, mongo=RawBytesMongoResource(**current.model_dump()))
-    for doc in _poison_documents():
-        loss_ledger.write(doc)
+    if _write_all(loss_ledger, _poison_documents()):
+        raw = pipeline
+    else:
+        current = pipeline.resources["mongo"]
+        raw = reconfigured(pipeline, mongo=RawBytesMongoResource(**current.model_dump()))
 
     cursor, failed = drive(raw, loss_ledger, config=CONFIG)
 
@@ -122,7 +177,7 @@ def test_poison_inputs_become_dead_letters_or_correct_records_never_a_crash(pipe
 
 
 def test_a_thousand_levels_of_nesting_is_a_dead_letter_not_a_recursion_error(pipeline):
-    # mongomock (like MongoDB) cannot store this; the sanitizer must still refuse it cleanly.
+    # MongoDB cannot store this (100 levels at most); the sanitizer must still refuse it cleanly.
     from certyo_dagster.sanitize.documents import PoisonDocumentError
     from certyo_dagster.sanitize.records import to_certyo_record
 

@@ -79,7 +79,7 @@ def test_a_fresh_instance_takes_over_from_the_reference_poller_without_resending
     handoff = hour(1, 40)
     shipped = [
         {
-            "database": "productdb",
+            "database": pipeline.spec().database,
             "collection": "products",
             "recordId": str(doc["_id"]),
             "recordVersion": "1",

@@ -1,8 +1,7 @@
 """Definitions for `dagster job execute -f tests/security/secrets_harness.py` in the security test.
 
-The resources read MONGO_URI and CERTYO_API_KEY through EnvVar, as users configure them. With
-HARNESS_MOCK_MONGO=1, every process that imports this file (the CLI and each step's
-subprocess) answers `mongo.test:27017` with its own mongomock holding a few documents.
+The resources read MONGO_URI and CERTYO_API_KEY through EnvVar, as users configure them; the
+database is MONGO_DATABASE, the test's own on a MongoDB server that requires authentication.
 """
 
 from __future__ import annotations
@@ -18,27 +17,12 @@ from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
 
 START = datetime.fromisoformat("2026-11-01T00:00:00+00:00")
-
-if os.environ.get("HARNESS_MOCK_MONGO") == "1":
-    import sys
-
-    import mongomock
-    import pymongo
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import fixtures.mongo  # noqa: F401  (the same mongomock shims as the in-process tests)
-
-    mongomock.patch(servers=(("mongo.test", 27017),)).start()
-    seeded = pymongo.MongoClient(os.environ["MONGO_URI"])["productdb"]["products"]
-    seeded.insert_many(
-        [{"_id": f"p{i}", "sku": f"SKU-{i}", "updatedAt": datetime(2026, 11, 1, 1, i)}
-         for i in range(15)]
-    )  # fmt: skip
+DATABASE = os.environ["MONGO_DATABASE"]
 
 defs = build_definitions(
-    PipelineSettings(collections=[CollectionSpec("productdb", "products")], partition_start=START),
+    PipelineSettings(collections=[CollectionSpec(DATABASE, "products")], partition_start=START),
     resources={
-        "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database="productdb"),
+        "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database=DATABASE),
         "certyo": CertyoResource(
             base_url=os.environ["CERTYO_BASE_URL"],
             api_key=dg.EnvVar("CERTYO_API_KEY"),

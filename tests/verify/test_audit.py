@@ -1,11 +1,10 @@
-"""The tamper audit engine against mongomock: exactly the documents changed behind the
+"""The tamper audit engine against MongoDB: exactly the documents changed behind the
 pipeline's back are reported, and nothing else."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-import mongomock
 from bson import ObjectId
 from test_verify import TS, pending_doc
 
@@ -30,8 +29,8 @@ def test_intact_tampered_and_newly_edited_documents_are_told_apart():
     assert audit_document(edited, SPEC) == NEW_VERSION
 
 
-def test_the_audit_reports_exactly_the_tampered_documents_in_batches():
-    products = mongomock.MongoClient()["productdb"]["products"]
+def test_the_audit_reports_exactly_the_tampered_documents_in_batches(mongo):
+    products = mongo.db()["products"]
     docs = [anchored_doc(i) for i in range(23)]
     tampered = {docs[3]["_id"], docs[17]["_id"]}
     for doc in docs:
@@ -45,7 +44,9 @@ def test_the_audit_reports_exactly_the_tampered_documents_in_batches():
     never_ingested = {"_id": ObjectId(), "sku": "new", "updatedAt": TS}
     products.insert_many([*docs, reingested, never_ingested])
 
-    report = run_tamper_audit(products, SPEC, batch_size=4, max_listed=10)
+    report = run_tamper_audit(
+        products, CollectionSpec(mongo.database, "products"), batch_size=4, max_listed=10
+    )
 
     assert report.audited == 23
     assert report.tampered == 2
@@ -53,10 +54,12 @@ def test_the_audit_reports_exactly_the_tampered_documents_in_batches():
     assert sorted(report.tampered_ids) == sorted(record_id_of(i) for i in tampered)
 
 
-def test_the_listed_ids_are_bounded_but_the_count_is_not():
-    products = mongomock.MongoClient()["productdb"]["products"]
+def test_the_listed_ids_are_bounded_but_the_count_is_not(mongo):
+    products = mongo.db()["products"]
     docs = [{**anchored_doc(i), "price": -1} for i in range(7)]
     products.insert_many(docs)
-    report = run_tamper_audit(products, SPEC, batch_size=3, max_listed=2)
+    report = run_tamper_audit(
+        products, CollectionSpec(mongo.database, "products"), batch_size=3, max_listed=2
+    )
     assert report.mismatches == 7
     assert len(report.tampered_ids) == 2

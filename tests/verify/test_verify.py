@@ -1,7 +1,7 @@
 """Verification decisions and the verify engine, without Dagster.
 
 The decisions are pure functions over a document and Certyo's answer; the engine is driven
-against mongomock with small in-process clients (a sandbox over HTTP where it matters).
+against MongoDB with small in-process Certyo clients (a sandbox over HTTP where it matters).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 
-import mongomock
 import pytest
 from bson import ObjectId
 
@@ -214,7 +213,7 @@ def test_latency_percentiles():
     assert result["p95"] == pytest.approx(95.05)
 
 
-# -- the engine against mongomock --------------------------------------------------------------
+# -- the engine against MongoDB ----------------------------------------------------------------
 
 
 class FakeCertyo:
@@ -240,13 +239,17 @@ class FakeCertyo:
 
 
 @pytest.fixture
-def products():
-    return mongomock.MongoClient()["productdb"]["products"]
+def products(mongo):
+    return mongo.db()["products"]
+
+
+def _spec(products) -> CollectionSpec:
+    return CollectionSpec(products.database.name, products.name)
 
 
 def _verifier(products, client, **kwargs) -> PendingVerifier:
     return PendingVerifier(
-        collection=products, spec=SPEC, client=client, clock=lambda: NOW, **kwargs
+        collection=products, spec=_spec(products), client=client, clock=lambda: NOW, **kwargs
     )
 
 
@@ -270,7 +273,7 @@ def test_verify_calls_carry_the_ingested_hash(products):
     client = FakeCertyo({record_id_of(doc["_id"]): anchored_response(doc)})
     _verifier(products, client).run()
     assert client.calls == [
-        ("productdb", "products", record_id_of(doc["_id"]), doc["certyo_record_hash"])
+        (products.database.name, "products", record_id_of(doc["_id"]), doc["certyo_record_hash"])
     ]
 
 

@@ -1,4 +1,4 @@
-"""Verification end to end: mongomock → ingest job → certyo-sandbox over HTTP → verify job.
+"""Verification end to end: MongoDB → ingest job → certyo-sandbox over HTTP → verify job.
 
 Each defect of the reference verification worker (shared/reference/pitfalls.md) has a test:
 it picked up never-ingested documents, handled 100 documents sequentially, and marked an
@@ -32,17 +32,24 @@ def _seed_and_ingest(pipeline, count: int, n_hour: int = 2) -> list[dict]:
     return docs
 
 
+def _op(pipeline, asset: str) -> str:
+    """The op that materializes `asset` of the products collection in the test's database."""
+    return f"{pipeline.spec().database}__products__{asset}"
+
+
 def _verify(pipeline, raise_on_error: bool = True, **config) -> dg.ExecuteInProcessResult:
     run_config = (
-        {"ops": {"productdb__products__anchoring_status": {"config": config}}} if config else None
+        {"ops": {_op(pipeline, "anchoring_status"): {"config": config}}} if config else None
     )
     return pipeline.run_job("verify_products", run_config, raise_on_error=raise_on_error)
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict:
-    (materialization,) = result.asset_materializations_for_node(
-        "productdb__products__anchoring_status"
-    )
+    (materialization,) = [
+        event.materialization
+        for event in result.get_asset_materialization_events()
+        if event.materialization.asset_key.path[-1] == "anchoring_status"
+    ]
     return {k: v.value for k, v in materialization.metadata.items()}
 
 
@@ -306,7 +313,7 @@ def test_the_tamper_audit_finds_exactly_the_documents_edited_behind_the_pipeline
 
     result = pipeline.run_job("tamper_audit_products")
 
-    (materialization,) = result.asset_materializations_for_node("productdb__products__tamper_audit")
+    (materialization,) = result.asset_materializations_for_node(_op(pipeline, "tamper_audit"))
     metadata = materialization.metadata
     assert sorted(metadata["mismatched_record_ids"].value) == sorted(
         str(d["_id"]) for d in behind_back
@@ -370,7 +377,7 @@ def test_schedules_follow_the_settings(mongo, sandbox):
     assert audit.job_name == "tamper_audit_products"
     assert verify.default_status == dg.DefaultScheduleStatus.RUNNING
     job = pipeline.defs.resolve_job_def("verify_products")
-    op_config = job.run_config["ops"]["productdb__products__anchoring_status"]["config"]
+    op_config = job.run_config["ops"][_op(pipeline, "anchoring_status")]["config"]
     assert op_config == {"max_documents": 10_000, "max_in_flight": 3, "deadline_hours": 24.0}
 
 
@@ -401,7 +408,7 @@ def test_certyo_unavailable_fails_the_run_but_keeps_documents_pending(pipeline):
     products = pipeline.db["products"]
     assert products.count_documents({"certyo_status": "pending"}) == len(docs)
     assert _metadata(result)["run_verify_errors"] == len(docs)  # the report still lands
-    failure = result.failure_data_for_node("productdb__products__anchoring_status")
+    failure = result.failure_data_for_node(_op(pipeline, "anchoring_status"))
     assert "retried by the next run" in failure.user_failure_data.description
     assert "cty_sandbox" not in failure.user_failure_data.description  # no API key
 
