@@ -19,8 +19,6 @@ from certyo_dagster.clients import ProcessClients
 
 _clients: ProcessClients[Any] = ProcessClients()
 
-EMBEDDED_SCHEME = "montydb://"
-
 
 def redact_uri(uri: str) -> str:
     """The URI with any password replaced by `***`, safe for logs and errors.
@@ -57,13 +55,9 @@ def open_database(client: Any, name: str) -> Any:
 
 
 def open_client(uri: str) -> Any:
-    """A MongoClient-compatible client for `uri`, shared by everything in this process."""
+    """The `pymongo.MongoClient` for `uri`, shared by everything in this process."""
 
     def create() -> Any:
-        if uri.startswith(EMBEDDED_SCHEME):
-            from certyo_dagster.source.embedded import open_embedded_client
-
-            return open_embedded_client(uri)
         return pymongo.MongoClient(uri, tz_aware=False, connect=False, appname="certyo-dagster")
 
     return _clients.get(uri, create)
