@@ -8,8 +8,8 @@ Ctrl-C or SIGTERM stops all of it, including the webserver's and daemon's childr
 
 Settings are checked before anything starts, and every problem is one line, never a
 traceback. One run at a time owns a run folder (`run.lock`, released by the kernel even when
-the launcher is killed). `env.sh` in the run folder holds the stack's environment for a
-second shell.
+the launcher is killed), and a run first stops what a killed one left running there.
+`env.sh` in the run folder holds the stack's environment for a second shell.
 
 `start_stack` does the work and returns a `Stack` handle; `main()`, `make demo` and the e2e
 test share it.
@@ -50,6 +50,9 @@ from certyo_sandbox.config import DEFAULT_TENANT as SANDBOX_TENANT
 
 RUN_DIR_NAME = ".certyo_run"
 RUN_DIR_ENV = "CERTYO_RUN_DIR"
+# Set in the environment of every process a run starts (and inherited by their children), so
+# the next run in the folder can find what a crashed one left running.
+RUN_OWNER_ENV = "CERTYO_RUN_OWNER"
 UI_PORT = 3000
 MONGO_PORT = 27017
 SANDBOX_PORT = 8080
@@ -221,6 +224,46 @@ class Stack:
             self.lock = None
 
 
+def _leftovers(run_dir: Path) -> list[int]:
+    """Live processes an earlier run in `run_dir` started: marked by RUN_OWNER_ENV, or the
+    SecantusDB server on its storage (which is started with the launcher's environment)."""
+    marker = f"{RUN_OWNER_ENV}={run_dir}".encode() + b"\0"
+    storage = str(run_dir / SECANTUS_DIR).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if state == "Z":
+            continue
+        secantus = b"--storage-path" in cmdline and storage in cmdline
+        if secantus or marker in environ:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def stop_leftovers(run_dir: Path, grace: float = STOP_GRACE_SECONDS) -> list[int]:
+    """SIGTERM what a run that was killed left running in `run_dir`, then SIGKILL it after
+    `grace` seconds; the pids. Only called while holding the folder's lock, so no live run
+    owns them."""
+    pids = _leftovers(run_dir)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and set(_leftovers(run_dir)) & set(pids):
+        time.sleep(0.2)
+    for pid in set(_leftovers(run_dir)) & set(pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 def _spawn(
     name: str, args: list[str], env: Mapping[str, str], log_dir: Path, cwd: Path
 ) -> subprocess.Popen:
@@ -229,7 +272,7 @@ def _spawn(
         return subprocess.Popen(
             args,
             cwd=cwd,
-            env=dict(env),
+            env={**env, RUN_OWNER_ENV: str(log_dir.parent)},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -406,7 +449,7 @@ def write_env_file(stack: Stack) -> Path:
         for n in env
         if (n.startswith(("CERTYO_", "MONGO_")) or n == "DAGSTER_HOME")
         and not n.startswith(("CERTYO_TEST_", "CERTYO_SANDBOX_"))
-        and n not in (RUN_DIR_ENV,)
+        and n not in (RUN_DIR_ENV, RUN_OWNER_ENV)
     )
     lines = [
         f"# The environment of `make run` in {stack.run_dir}, for the CLI in a second shell:",
@@ -485,6 +528,12 @@ def start_stack(
         lock=lock,
     )
     try:
+        left = stop_leftovers(run_dir)
+        if left:
+            report(
+                f"stopped what an earlier run in {run_dir} left running when it was killed "
+                f"(pids {', '.join(map(str, left))})"
+            )
         now = now or datetime.now(timezone.utc).replace(tzinfo=None)
         if demo:
             discarded = discard_old_store(run_dir)

@@ -5,6 +5,7 @@ running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -385,3 +386,41 @@ def test_a_taken_port_is_named_not_silently_moved() -> None:
         chosen = _port(port, "the Dagster UI", notes)
     assert chosen != port
     assert notes == [f"port {port} is in use, so the Dagster UI is on port {chosen}"]
+
+
+def test_a_run_stops_what_a_killed_run_left_running_in_its_folder(tmp_path: Path) -> None:
+    """The launcher SIGKILLed: its SecantusDB, sandbox and churn live on, holding the storage
+    and ports. The next run in the folder stops them and starts cleanly."""
+    run_dir = tmp_path / "run"
+    script = (
+        "import sys, time; from pathlib import Path; from certyo_demo.launcher import "
+        "start_stack; from certyo_demo.servers import free_port; "
+        "stack = start_stack(Path(sys.argv[1]), dagster_port=free_port(), "
+        "sandbox_port=free_port(), mongo_port=free_port(), environ={'PATH': sys.argv[2]}, "
+        "seed_count=20, churn_interval=0.5, start_dagster=False); "
+        "print(' '.join(map(str, stack.pids())), flush=True); time.sleep(120)"
+    )
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", script, str(run_dir), os.environ["PATH"]],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    left: list[int] = []
+    try:
+        left = [int(pid) for pid in crashed.stdout.readline().split()]
+        crashed.send_signal(signal.SIGKILL)
+        crashed.wait(10)
+        assert len(left) == 3 and all(_alive(pid) for pid in left)
+        told: list[str] = []
+        stack = _demo_stack(run_dir, seed_count=20, churn=False, report=told.append)
+        stack.stop()
+    finally:
+        crashed.kill()
+        crashed.wait(10)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not [pid for pid in left if _alive(pid)]
+    assert len(told) == 1 and told[0].startswith(f"stopped what an earlier run in {run_dir}")
+    for pid in left:
+        assert str(pid) in told[0]
