@@ -36,10 +36,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO
 
+import dagster as dg
 import pymongo
 import requests
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
+from certyo_dagster.defs import build_definitions
 from certyo_dagster.settings import ConfigError, PipelineSettings
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.resource import INSECURE_HTTP_ENV
@@ -360,6 +362,11 @@ def check_settings(env: Mapping[str, str]) -> PipelineSettings:
         settings = PipelineSettings.from_env(env)
     except ConfigError as exc:
         raise LaunchError(str(exc)) from None
+    try:
+        # What the code location will build, so a bad cron is refused here, not in the UI.
+        dg.Definitions.validate_loadable(build_definitions(settings))
+    except dg.DagsterError as exc:
+        raise LaunchError(str(exc).strip().splitlines()[0]) from None
     if not with_sandbox:
         insecure = env.get(INSECURE_HTTP_ENV, "").strip().lower() in ("1", "true", "yes")
         try:

@@ -284,6 +284,10 @@ def test_unreachable_certyo_and_a_refused_key_are_one_line(tmp_path: Path, secan
             "CERTYO_PARTITION_START='yesterday' is not an ISO 8601 time",
         ),
         (
+            {"CERTYO_VERIFY_CRON": "every minute"},
+            "Found invalid cron schedule 'every minute' for schedule 'verify_products_schedule'",
+        ),
+        (
             # The sandbox's fake anchoring must never write `anchored` into a real collection.
             {"MONGO_URI": "mongodb://127.0.0.1:1/"},
             "MONGO_URI is set but CERTYO_BASE_URL is not",
@@ -297,7 +301,14 @@ def test_unreachable_certyo_and_a_refused_key_are_one_line(tmp_path: Path, secan
             "uses plain http to a non-loopback host",
         ),
     ],
-    ids=["key-missing", "bad-collections", "bad-partition-start", "mongo-only", "plain-http"],
+    ids=[
+        "key-missing",
+        "bad-collections",
+        "bad-partition-start",
+        "bad-cron",
+        "mongo-only",
+        "plain-http",
+    ],
 )
 def test_a_wrong_setting_is_one_line_and_never_a_traceback(
     tmp_path: Path, settings: dict[str, str], expected: str
