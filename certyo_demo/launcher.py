@@ -404,7 +404,10 @@ def check_mongo(uri: str, timeout: float = REACH_TIMEOUT_SECONDS) -> None:
             appname="certyo-launcher",
         )
     except (ConfigurationError, ValueError) as exc:
+        password = uri.split("://", 1)[-1].rpartition("@")[0].partition(":")[2]
         reason = str(exc).replace(uri, shown)
+        if password:
+            reason = reason.replace(password, "***")
         raise LaunchError(f"MONGO_URI {shown} is not a usable MongoDB URI: {reason}") from None
     try:
         client.admin.command("ping")

@@ -26,6 +26,7 @@ from certyo_demo.launcher import (
     RunLock,
     Stack,
     _port,
+    check_mongo,
     describe,
     start_stack,
     write_env_file,
@@ -245,6 +246,16 @@ def test_unreachable_mongodb_is_one_line_with_the_uri_redacted(tmp_path: Path, s
     assert message == f"MongoDB at {shown} cannot be reached: [Errno 111] Connection refused"
     assert "pw-secret" not in message
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released
+
+
+def test_a_malformed_mongo_uri_is_one_line_without_its_password() -> None:
+    with pytest.raises(LaunchError) as caught:
+        check_mongo("mongodb://app:pw-secret@127.0.0.1:notaport/")
+    assert str(caught.value).startswith(
+        "MONGO_URI mongodb://app:***@127.0.0.1:notaport/ is not a usable MongoDB URI: "
+        "Port contains non-digit characters"
+    )
+    assert "pw-secret" not in str(caught.value)
 
 
 def test_unreachable_certyo_and_a_refused_key_are_one_line(tmp_path: Path, secantus, sandbox):
