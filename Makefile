@@ -17,12 +17,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m certyo_demo.launcher
+	$(BIN)/python -m certyo_demo.launcher --instance-config dagster.yaml --workspace workspace.yaml
 
 # Non-interactive end to end: seed, ingest the last hours, anchor, verify, summary; non-zero
 # exit when anything is missing. Data and logs: .certyo_run/make-demo
 demo: $(STAMP)
-	$(BIN)/python -m certyo_demo run
+	$(BIN)/python -m certyo_demo run --instance-config dagster.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

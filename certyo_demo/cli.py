@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from certyo_dagster.settings import DEFAULT_COLLECTIONS, DEFAULT_DATABASE
@@ -16,15 +17,17 @@ from certyo_dagster.source.mongo import open_client, redact_uri
 from certyo_demo.store import churn, seed_catalog
 
 
-def default_mongo_uri() -> str:
-    """The store `make run` uses, so `certyo-demo churn` in a second terminal edits it."""
-    from certyo_demo.launcher import default_run_dir, embedded_uri
-
-    return embedded_uri(default_run_dir())
+class UsageError(RuntimeError):
+    """What is missing to run a command, in one line."""
 
 
 def _collection(args: argparse.Namespace) -> Any:
-    uri = os.environ.get("MONGO_URI", "").strip() or default_mongo_uri()
+    uri = os.environ.get("MONGO_URI", "").strip()
+    if not uri:
+        raise UsageError(
+            "MONGO_URI is not set: for the database `make run` started, "
+            "`source .certyo_run/env.sh` first"
+        )
     database = os.environ.get("MONGO_DATABASE", "").strip() or DEFAULT_DATABASE
     print(f"store: {redact_uri(uri)}, collection {database}.{args.collection}", flush=True)
     return open_client(uri)[database][args.collection]
@@ -76,8 +79,8 @@ def _positive(kind: type) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="certyo-demo",
-        description="Demo data for certyo_dagster. Uses MONGO_URI and MONGO_DATABASE; without "
-        "MONGO_URI, the embedded store that `make run` uses (.certyo_run/mongo).",
+        description="Demo data for certyo_dagster. Uses MONGO_URI and MONGO_DATABASE; "
+        "`source .certyo_run/env.sh` sets them to the database `make run` started.",
     )
     parser.add_argument(
         "--collection",
@@ -106,7 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--timeout", type=_positive(float), default=600, help="give up after (600) seconds"
     )
-    run.add_argument("--run-dir", default=None, help="where data and logs go (a temp dir)")
+    run.add_argument(
+        "--run-dir", default=None, help="where data and logs go (.certyo_run/make-demo)"
+    )
+    run.add_argument(
+        "--instance-config",
+        type=Path,
+        default=Path("dagster.yaml"),
+        help="Dagster instance config copied into DAGSTER_HOME (dagster.yaml)",
+    )
     run.set_defaults(run=_run)
     return parser
 
@@ -114,10 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from certyo_demo.driver import run_demo
 
-    return run_demo(hours=args.hours, timeout=args.timeout, run_dir=args.run_dir)
+    return run_demo(
+        hours=args.hours,
+        timeout=args.timeout,
+        run_dir=args.run_dir,
+        instance_config=args.instance_config,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from certyo_demo.launcher import LaunchError
+    from certyo_demo.servers import ServerError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, LaunchError, ServerError) as exc:
+        print(f"certyo-demo: {exc}", file=sys.stderr, flush=True)
+        return 1

@@ -1,9 +1,10 @@
 """`make demo`: the whole pipeline once, from the command line, with a pass/fail summary.
 
-Seeds a fresh embedded store, starts certyo-sandbox, materializes the seeded hourly partitions
-with `dagster job execute`, waits for the sandbox to anchor every batch, runs the verify job
-until no document is pending, and prints documents per certyo_status beside the sandbox's
-counts. It exits non-zero when anything is missing, so CI can run it too.
+Starts SecantusDB and certyo-sandbox in a fresh run folder, seeds the catalog, materializes
+the seeded hourly partitions with `dagster job execute`, waits for the sandbox to anchor every
+batch, runs the verify job until no document is pending, and prints documents per
+certyo_status beside the sandbox's counts. It exits non-zero when anything is missing, so CI
+can run it too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tabulate import tabulate
 from certyo_dagster.capture.polling import HOUR_FORMAT
 from certyo_dagster.settings import DEFAULT_DATABASE
 from certyo_dagster.source.mongo import close_all_clients, open_client
-from certyo_demo.launcher import REPO_ROOT, RUN_DIR_NAME, Stack, start_stack
+from certyo_demo.launcher import RUN_DIR_NAME, Stack, start_stack
 from certyo_demo.servers import free_port
 
 COLLECTION = "products"
@@ -76,7 +77,7 @@ def _dagster(stack: Stack, args: list[str], log_name: str) -> bool:
     with open(stack.log_dir / f"{log_name}.log", "ab") as log:
         done = subprocess.run(
             command + args,
-            cwd=REPO_ROOT,
+            cwd=stack.run_dir,
             env=stack.env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -111,7 +112,11 @@ def _summary(stack: Stack) -> tuple[dict[str, int], int]:
 
 
 def run_demo(
-    hours: int = 3, timeout: float = 600, run_dir: str | Path | None = None, seed_count: int = 3000
+    hours: int = 3,
+    timeout: float = 600,
+    run_dir: str | Path | None = None,
+    seed_count: int = 3000,
+    instance_config: Path | None = None,
 ) -> int:
     """Run the demo; 0 when every document ended anchored and the sandbox agrees."""
     started = time.monotonic()
@@ -120,7 +125,7 @@ def run_demo(
     shutil.rmtree(run_path, ignore_errors=True)
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     partitions = demo_partitions(now, hours)
-    # Always the embedded store and the sandbox: the demo must not write to a configured one.
+    # Always its own SecantusDB and sandbox: the demo must not write to a configured one.
     environ = {
         k: v for k, v in os.environ.items() if not k.startswith(("CERTYO_", "MONGO_", "DAGSTER_"))
     }
@@ -131,7 +136,9 @@ def run_demo(
         run_path,
         dagster_port=free_port(),
         sandbox_port=free_port(),
+        mongo_port=free_port(),
         environ=environ,
+        instance_config=instance_config,
         seed_count=seed_count,
         start_dagster=False,
         churn=False,

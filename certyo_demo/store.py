@@ -1,4 +1,4 @@
-"""Writing the demo catalog into MongoDB (or the embedded store): seed once, then churn."""
+"""Writing the demo catalog into MongoDB: seed once, then churn."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from certyo_demo.browser import chromium_binary, run_chromium
 from certyo_demo.launcher import Stack, start_stack
 from certyo_demo.servers import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 LOCATION = "certyo_dagster"
 PAGES = {
     "lineage.png": f"/locations/{LOCATION}/asset-groups/products/lineage",
@@ -58,7 +59,13 @@ def main(out_dir: str = "docs") -> int:
         k: v for k, v in os.environ.items() if not k.startswith(("CERTYO_", "MONGO_", "DAGSTER_"))
     }
     stack = start_stack(
-        run_dir, dagster_port=free_port(), sandbox_port=free_port(), environ=environ
+        run_dir,
+        dagster_port=free_port(),
+        sandbox_port=free_port(),
+        mongo_port=free_port(),
+        environ=environ,
+        instance_config=REPO / "dagster.yaml",
+        workspace=REPO / "workspace.yaml",
     )
     try:
         stack.wait_for_webserver()

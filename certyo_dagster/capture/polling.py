@@ -182,7 +182,7 @@ def count_untimestamped(collection: Any, spec: CollectionSpec) -> int:
     """Documents whose timestamp is missing, null, a string or a number: no window can ever
     contain them. Each clause is a single-type bracket an index on the field can serve."""
     ts = spec.timestamp_field
-    types = ("string", "double", "int", "long", "decimal")  # montydb has no "number" alias
+    types = ("string", "double", "int", "long", "decimal")
     return collection.count_documents({"$or": [{ts: None}, *({ts: {"$type": t}} for t in types)]})
 
 

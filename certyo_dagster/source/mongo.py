@@ -19,7 +19,6 @@ from certyo_dagster.clients import ProcessClients
 
 _clients: ProcessClients[Any] = ProcessClients()
 
-EMBEDDED_SCHEME = "montydb://"
 # The driver's appName: the name this pipeline's connections carry in MongoDB's logs,
 # `currentOp` and profiler output.
 APP_NAME = "certyo-dagster"
@@ -57,13 +56,9 @@ def open_database(client: Any, name: str) -> Any:
 
 
 def open_client(uri: str) -> Any:
-    """A MongoClient-compatible client for `uri`, shared by everything in this process."""
+    """The `pymongo.MongoClient` for `uri`, shared by everything in this process."""
 
     def create() -> Any:
-        if uri.startswith(EMBEDDED_SCHEME):
-            from certyo_dagster.source.embedded import open_embedded_client
-
-            return open_embedded_client(uri)
         return pymongo.MongoClient(uri, tz_aware=False, connect=False, appname=APP_NAME)
 
     return _clients.get(uri, create)

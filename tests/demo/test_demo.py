@@ -1,15 +1,16 @@
-"""The demo catalog and churn, on montydb (what `make run` uses) and on mongomock."""
+"""The demo catalog and churn, on SecantusDB (what `make run` starts)."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from bson import Binary, DBRef, Decimal128, Int64, ObjectId
@@ -24,17 +25,21 @@ from certyo_demo.store import churn, seed_catalog
 NOW = datetime(2026, 3, 1, 12, 30, 0)
 
 
-@pytest.fixture(params=["montydb", "mongomock"])
-def products(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    if request.param == "montydb":
+@pytest.fixture
+def database(secantus) -> Iterator[str]:
+    """A database of this test's own on the shared server, dropped afterwards."""
+    name = f"certyo_demo_{uuid4().hex[:12]}"
+    close_all_clients()
+    try:
+        yield name
+    finally:
+        open_client(secantus.uri).drop_database(name)
         close_all_clients()
-        try:
-            yield open_client(f"montydb://{tmp_path}/mongo")["productdb"]["products"]
-        finally:
-            close_all_clients()
-    else:
-        target = request.getfixturevalue("mongo")
-        yield open_client(target.uri)[target.database]["products"]
+
+
+@pytest.fixture
+def products(secantus, database: str) -> Any:
+    return open_client(secantus.uri)[database]["products"]
 
 
 def _types(value: Any, found: set[type]) -> None:
@@ -124,17 +129,25 @@ def test_edit_never_names_a_certyo_field() -> None:
         assert not any(k.startswith("certyo_") for k in changes)
 
 
-def test_cli_seed_and_churn_against_the_embedded_store(tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("MONGO_URI", f"montydb://{tmp_path}/m")
-    monkeypatch.delenv("MONGO_DATABASE", raising=False)
-    close_all_clients()
+def test_cli_seed_and_churn(secantus, database: str, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MONGO_URI", secantus.uri)
+    monkeypatch.setenv("MONGO_DATABASE", database)
     assert demo_main(["seed", "--count", "50"]) == 0
     assert "seeded 50 products" in capsys.readouterr().out
     assert demo_main(["seed", "--count", "50"]) == 0
     assert "already seeded (50 documents): nothing to do" in capsys.readouterr().out
     assert demo_main(["churn", "--interval", "0.01", "--max-iterations", "2"]) == 0
     assert "churn stopped after 2 ticks" in capsys.readouterr().out
-    close_all_clients()
+
+
+def test_cli_without_mongo_uri_says_where_to_get_it_in_one_line(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("MONGO_URI", raising=False)
+    assert demo_main(["seed", "--count", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "certyo-demo: MONGO_URI is not set: for the database `make run` started, "
+        "`source .certyo_run/env.sh` first\n"
+    )
 
 
 def test_cli_rejects_a_bad_count(capsys) -> None:
@@ -143,8 +156,8 @@ def test_cli_rejects_a_bad_count(capsys) -> None:
     assert "--count" in capsys.readouterr().err
 
 
-def test_churn_process_stops_on_sigterm(tmp_path: Path) -> None:
-    env = {"MONGO_URI": f"montydb://{tmp_path}/m", "PATH": "/usr/bin:/bin"}
+def test_churn_process_stops_on_sigterm(secantus, database: str) -> None:
+    env = {"MONGO_URI": secantus.uri, "MONGO_DATABASE": database, "PATH": os.environ["PATH"]}
     proc = subprocess.Popen(
         [sys.executable, "-m", "certyo_demo", "churn", "--interval", "30"],
         env=env,

@@ -1,7 +1,7 @@
 """The stack `make run` starts, driven the way a person would: through the webserver.
 
-One stack for the module (webserver, daemon, code server, sandbox, churn on free ports, in a
-temporary run directory). The last test stops it and checks that no process is left.
+One stack for the module (SecantusDB, webserver, daemon, code server, sandbox, churn on free
+ports, in a temporary run directory). The last test stops it and checks that no process is left.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from certyo_demo.servers import free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 LOCATION = "certyo_dagster"
+REPO = Path(__file__).resolve().parents[2]
 ASSETS = [
     "productdb/products",
     "productdb/products/changed_documents",
@@ -66,7 +67,10 @@ def stack() -> Iterator[Stack]:
         run_dir,
         dagster_port=free_port(),
         sandbox_port=free_port(),
+        mongo_port=free_port(),
         environ=_clean_environ(),
+        instance_config=REPO / "dagster.yaml",
+        workspace=REPO / "workspace.yaml",
         seed_count=600,
     )
     try:
@@ -97,6 +101,17 @@ def _expected_partitions(stack: Stack) -> list[str]:
         keys.append(hour.strftime(HOUR_FORMAT))
         hour += timedelta(hours=1)
     return keys
+
+
+def test_the_demo_database_is_secantusdb_in_the_run_directory(stack: Stack) -> None:
+    assert stack.mongo_server is not None
+    assert stack.env["MONGO_URI"] == stack.mongo_server.uri
+    assert stack.mongo_server.storage == stack.run_dir / "secantus"
+    assert stack.mongo_server.process.pid in stack.pids()
+    close_all_clients()
+    hello = open_client(stack.env["MONGO_URI"]).admin.command("hello")
+    close_all_clients()
+    assert hello["setName"] == "secantus"
 
 
 def test_asset_graph_and_partitions_are_served(stack: Stack) -> None:
