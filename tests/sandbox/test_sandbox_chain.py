@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from fixtures.chain import rpc
+from fixtures.sandbox import TENANT_A, post_json, sample_record, sandbox_test_config
+
 from certyo_dagster.prove.chain import EvmRpc, check_anchor
 from certyo_demo.servers import free_port
 from certyo_sandbox.cli import build_parser
 from certyo_sandbox.server import SandboxServer, config_to_args
-from fixtures.chain import rpc
-from fixtures.sandbox import TENANT_A, post_json, sample_record, sandbox_test_config
 
 
 def _verify(server: SandboxServer, record_id: str) -> dict:
@@ -24,7 +25,8 @@ def _verify(server: SandboxServer, record_id: str) -> dict:
 
 def test_each_batch_root_is_the_calldata_of_a_mined_transaction(chain_sandbox, local_chain):
     for i in range(3):
-        assert post_json(chain_sandbox, "/api/v1/records", sample_record(f"r{i}")).status_code == 202
+        response = post_json(chain_sandbox, "/api/v1/records", sample_record(f"r{i}"))
+        assert response.status_code == 202
     chain_sandbox.flush()
     answers = [_verify(chain_sandbox, f"r{i}") for i in range(3)]
     assert {a["transactionHash"] for a in answers} == {answers[0]["transactionHash"]}
