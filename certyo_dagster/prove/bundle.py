@@ -22,11 +22,14 @@ FORMAT_VERSION = 1
 DIGEST_FIELD = "bundleDigest"
 SUFFIX = ".proof.json"
 
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-RECORD_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
-TX_HASH = re.compile(r"^0x[0-9a-f]{64}$")
+# Matched whole (fullmatch): the same patterns as docs/proof-bundle.schema.json.
+HEX64 = re.compile(r"[0-9a-f]{64}")
+RECORD_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+TX_HASH = re.compile(r"0x[0-9a-f]{64}")
 # RFC 3339 date-time with an explicit offset or Z, as Certyo writes its times.
-TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+TIMESTAMP = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
 MAX_SAFE_INT = 2**53 - 1
 
 
@@ -163,7 +166,7 @@ def check_shape(bundle: dict[str, Any]) -> None:
     if not isinstance(path, list) or len(path) > 64:
         raise BundleFormatError("inclusionProof.auditPath must be a list of at most 64 nodes")
     for i, node in enumerate(path):
-        if not isinstance(node, str) or not HEX64.match(node):
+        if not isinstance(node, str) or not HEX64.fullmatch(node):
             raise BundleFormatError(
                 f"inclusionProof.auditPath[{i}] must be 64 lowercase hex digits"
             )
@@ -202,7 +205,7 @@ def _string(obj: dict[str, Any], name: str, where: str, pattern: re.Pattern | No
     value = obj[name]
     if not isinstance(value, str) or not value:
         raise BundleFormatError(f"{where}{name} must be a non-empty string")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise BundleFormatError(f"{where}{name} {value[:80]!r} is not in the required form")
 
 
