@@ -145,7 +145,9 @@ def parse_since(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"--since {text!r} is not an ISO 8601 time such as 2026-11-30T00:00Z")
+        raise ValueError(
+            f"--since {text!r} is not an ISO 8601 time such as 2026-11-30T00:00Z"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc)
