@@ -215,9 +215,15 @@ class BundleExporter:
         folder: Path,
         *,
         max_listed: int = DEFAULT_MAX_LISTED,
+        skip_existing: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> ExportReport:
-        """A bundle per document anchored (certyo_verified_at) at or after `since`."""
+        """A bundle per document anchored (certyo_verified_at) at or after `since`.
+
+        With `skip_existing`, a version whose bundle file is already in `folder` is left
+        alone without asking Certyo (`report.already_exported`), so overlapping windows
+        cost nothing and `report.written` counts only new bundles.
+        """
         started = time.monotonic()
         report = ExportReport(folder=folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -226,6 +232,11 @@ class BundleExporter:
             query["certyo_verified_at"] = {"$gte": utc_naive(since)}
         # No sort: a sort without a matching index is bounded by the server's sort memory.
         for doc in self.collection.find(query):
+            if skip_existing and isinstance(doc.get("certyo_version"), int):
+                name = bundle_filename(self.spec, record_id_of(doc["_id"]), doc["certyo_version"])
+                if (folder / name).exists():
+                    report.already_exported += 1
+                    continue
             try:
                 path = self.write(self.bundle_for(doc), folder)
             except ExportError as exc:
@@ -254,6 +265,7 @@ class ExportReport:
     folder: Path
     written: int = 0
     skipped: int = 0
+    already_exported: int = 0
     files: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     anchored_through: datetime | None = None
