@@ -28,7 +28,7 @@ from pathlib import Path
 import requests
 
 from certyo_dagster.source.mongo import redact_uri
-from certyo_demo.servers import free_port, signal_group
+from certyo_demo.servers import LocalChain, ServerError, free_port, signal_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR_NAME = ".certyo_run"
@@ -154,6 +154,23 @@ def _spawn(
         log.close()
 
 
+def _start_local_chain(stack: Stack, log_dir: Path) -> list[str]:
+    """Start a local EVM chain for the sandbox to anchor on; the sandbox's arguments for it.
+
+    Without Node.js or ganache (`make install` puts it in certyo_demo/chain) the sandbox
+    simulates its transactions instead, and this says so.
+    """
+    chain = LocalChain(log_path=log_dir / "chain.log")
+    try:
+        chain.start()
+    except ServerError as exc:
+        print(f"no local chain ({exc}); the sandbox simulates transactions", file=sys.stderr)
+        return []
+    assert chain.process is not None
+    stack.processes["chain"] = chain.process
+    return [f"--chain-rpc={chain.url}"]
+
+
 def _wait_healthy(url: str, process: subprocess.Popen, what: str, log: Path, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -242,6 +259,7 @@ def start_stack(
                 CERTYO_TENANT_ID=SANDBOX_TENANT,
             )
             env.pop("CERTYO_SANDBOX_API_KEYS", None)  # the sandbox then accepts the dev key
+            chain_args = _start_local_chain(stack, log_dir)
             stack.processes["sandbox"] = _spawn(
                 "sandbox",
                 [
@@ -254,6 +272,7 @@ def start_stack(
                     f"--flush-seconds={SANDBOX_FLUSH_SECONDS}",
                     f"--flush-records={SANDBOX_FLUSH_RECORDS}",
                     f"--anchor-delay-seconds={SANDBOX_ANCHOR_DELAY_SECONDS}",
+                    *chain_args,
                 ],
                 env,
                 log_dir,
