@@ -56,8 +56,9 @@ def test_unconfigured_launch_starts_sandbox_seed_and_churn_then_stops_them(tmp_p
         assert env["DAGSTER_HOME"] == str(tmp_path / "run" / "dagster_home")
         assert (tmp_path / "run" / "dagster_home" / "dagster.yaml").exists()
         assert stack.seeded == 200
-        assert requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).ok
-        assert set(stack.processes) == {"sandbox", "churn"}
+        stats = requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).json()
+        assert stats["chain_rpc"].startswith("http://127.0.0.1:")  # anchors on a local chain
+        assert set(stack.processes) == {"chain", "sandbox", "churn"}
         close_all_clients()
         products = open_client(env["MONGO_URI"])["productdb"]["products"]
         assert products.count_documents({}) >= 200
