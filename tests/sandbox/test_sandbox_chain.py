@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from fixtures.chain import rpc
 from fixtures.sandbox import TENANT_A, post_json, sample_record, sandbox_test_config
 
 from certyo_dagster.prove.chain import EvmRpc, check_anchor
-from certyo_demo.servers import free_port
+from certyo_demo.servers import LocalChain, free_port
 from certyo_sandbox.cli import build_parser
 from certyo_sandbox.server import SandboxServer, config_to_args
 
@@ -75,3 +76,23 @@ def test_the_cli_and_subprocess_arguments_carry_the_rpc_url():
     assert args.chain_rpc == "http://127.0.0.1:8545"
     config = sandbox_test_config(chain_rpc="http://127.0.0.1:8545")
     assert config_to_args(config)[-2:] == ["--chain-rpc", "http://127.0.0.1:8545"]
+
+
+def test_batches_waiting_for_the_chain_are_anchored_once_it_answers(sandbox_factory, tmp_path):
+    port = free_port()
+    server = sandbox_factory(chain_rpc=f"http://127.0.0.1:{port}")
+    assert post_json(server, "/api/v1/records", sample_record("late")).status_code == 202
+    server.flush()
+    assert _verify(server, "late")["anchoredOnChain"] is False
+    with LocalChain(port=port, log_path=tmp_path / "ganache.log") as chain:
+        server.flush()  # also sends what waits for the chain
+        answer = _verify(server, "late")
+        assert answer["anchoredOnChain"] is True
+        tx = rpc(chain.url, "eth_getTransactionByHash", answer["transactionHash"])
+        assert tx["input"] == "0x" + answer["merkleRoot"]
+        assert server.stats()["chain_failures"] == 0
+
+
+def test_a_chain_rpc_that_is_not_http_is_refused():
+    with pytest.raises(ValueError, match="chain_rpc must be an http"):
+        sandbox_test_config(chain_rpc="ws://127.0.0.1:8545")
