@@ -221,31 +221,62 @@ def test_bundles_verify_with_the_chain_gone_and_without_rpc(anchored, own_chain,
     program = Path(sys.executable).with_name("certyo-proof")
     assert program.exists()
     own_chain.stop()
-    offline = subprocess.run(
-        [str(program), "verify", str(folder)], env=env, capture_output=True, text=True
+    try:
+        offline = subprocess.run(
+            [str(program), "verify", str(folder)], env=env, capture_output=True, text=True
+        )
+        assert offline.returncode == EXIT_OK, offline.stdout + offline.stderr
+        assert offline.stdout.count("VERIFIED") == len(files)
+        assert "chain not checked" in offline.stdout
+        dead = f"http://127.0.0.1:{free_port()}"
+        unchecked = subprocess.run(
+            [str(program), "verify", *map(str, files), "--rpc", dead, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert unchecked.returncode == EXIT_UNCHECKED
+        answers = [json.loads(line) for line in unchecked.stdout.splitlines()]
+        assert [a["verdict"] for a in answers] == ["unchecked"] * len(files)
+        assert all(a["failedStep"] == "chain" for a in answers)
+        # A changed byte is still rejected, naming the step.
+        broken = bytearray(files[0].read_bytes())
+        broken[broken.index(b'"blockNumber":') + 14] ^= 1
+        files[0].write_bytes(bytes(broken))
+        rejected = subprocess.run(
+            [str(program), "verify", str(folder)], env=env, capture_output=True, text=True
+        )
+        assert rejected.returncode == EXIT_REJECTED
+        assert "REJECTED" in rejected.stdout and (
+            "digest failed" in rejected.stdout or "format failed" in rejected.stdout
+        )
+
+    finally:
+        own_chain.start()  # a fresh chain for the tests after this one
+
+
+def test_export_never_prints_secrets(anchored, secantus, monkeypatch, tmp_path, capsys):
+    port = free_port()
+    password = "pw-Secret-9f2c"  # noqa: S105 - a placeholder that must not appear
+    monkeypatch.setenv(
+        "MONGO_URI", f"mongodb://certyo:{password}@127.0.0.1:{port}/?serverSelectionTimeoutMS=500"
     )
-    assert offline.returncode == EXIT_OK, offline.stdout + offline.stderr
-    assert offline.stdout.count("VERIFIED") == len(files)
-    assert "chain not checked" in offline.stdout
-    dead = f"http://127.0.0.1:{free_port()}"
-    unchecked = subprocess.run(
-        [str(program), "verify", *map(str, files), "--rpc", dead, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
+    status = main(
+        ["export", "--collection", "products", "--since", "2026-01-01", "--out", str(tmp_path)]
     )
-    assert unchecked.returncode == EXIT_UNCHECKED
-    answers = [json.loads(line) for line in unchecked.stdout.splitlines()]
-    assert [a["verdict"] for a in answers] == ["unchecked"] * len(files)
-    assert all(a["failedStep"] == "chain" for a in answers)
-    # A changed byte is still rejected, naming the step.
-    broken = bytearray(files[0].read_bytes())
-    broken[broken.index(b'"blockNumber":') + 14] ^= 1
-    files[0].write_bytes(bytes(broken))
-    rejected = subprocess.run(
-        [str(program), "verify", str(folder)], env=env, capture_output=True, text=True
+    assert status == EXIT_REJECTED
+    captured = capsys.readouterr()
+    assert "certyo:***@" in captured.err or "ServerSelectionTimeoutError" in captured.err
+    for secret in (password, TEST_KEY_A):
+        assert secret not in captured.out + captured.err
+    monkeypatch.setenv("MONGO_URI", secantus.uri)
+    monkeypatch.setenv("CERTYO_API_KEY", "cty_wrong_key_0123456789")
+    assert (
+        main(
+            ["export", "--collection", "products", "--since", "2026-01-01", "--out", str(tmp_path)]
+        )
+        == EXIT_REJECTED
     )
-    assert rejected.returncode == EXIT_REJECTED
-    assert "REJECTED" in rejected.stdout and (
-        "digest failed" in rejected.stdout or "format failed" in rejected.stdout
-    )
+    captured = capsys.readouterr()
+    assert "cty_wrong_key_0123456789" not in captured.out + captured.err
+    assert "401" in captured.err or "API key" in captured.err
