@@ -18,6 +18,7 @@ from pymongo.errors import PyMongoError
 
 from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
 from certyo_dagster.defs.partitions import hourly_partitions
+from certyo_dagster.defs.schedules import default_status
 from certyo_dagster.defs.verification import verification_keys
 from certyo_dagster.sanitize.documents import iso_utc, version_ms
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
@@ -199,4 +200,15 @@ def build_proof_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Def
             "with the first differing recordIds.",
         )(certyo_records_match)
 
-    return dg.Definitions(assets=[proof_bundles], asset_checks=[records_match])
+    # Dagster's own default automation sensor starts stopped; this one follows the project's
+    # schedules and sensors (running in demo mode).
+    automation = dg.AutomationConditionSensorDefinition(
+        f"{spec.collection}_proof_bundles_automation",
+        target=dg.AssetSelection.assets(key),
+        default_status=dg.DefaultSensorStatus(default_status(settings).value),
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        description=f"Materializes {key.to_user_string()} after each anchoring_status update.",
+    )
+    return dg.Definitions(
+        assets=[proof_bundles], asset_checks=[records_match], sensors=[automation]
+    )

@@ -157,3 +157,18 @@ def test_a_backfill_range_compares_each_hour_and_names_the_failing_ones(pipeline
     assert failed.metadata["hours_checked"].value == 3
     assert failed.metadata["failing_hours"].value == [pk(1)]
     assert failed.metadata["first_differing_ids"].value == ["d1"]
+
+
+def test_proof_bundles_follow_anchoring_status_by_an_automation_sensor(secantus_db, sandbox):
+    demo = make_pipeline(secantus_db, sandbox, demo_mode=True)
+    sensor = demo.defs.resolve_sensor_def("products_proof_bundles_automation")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    key = proof_keys(demo.spec())["proof_bundles"]
+    assets_def = demo.defs.resolve_assets_def(key)
+    assert assets_def.automation_conditions_by_key[key] is not None
+    assert (
+        make_pipeline(secantus_db, sandbox)
+        .defs.resolve_sensor_def("products_proof_bundles_automation")
+        .default_status
+        == dg.DefaultSensorStatus.STOPPED
+    )
