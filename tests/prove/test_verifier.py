@@ -216,3 +216,42 @@ def _get(bundle: dict, path: tuple) -> Any:
     for part in path:
         value = value[part]
     return value
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), value=json_values, rewrite_digest=st.booleans())
+def test_any_value_in_any_bound_field_is_rejected_without_a_crash(
+    bundle, data, value, rewrite_digest
+):
+    path = data.draw(st.sampled_from(sorted(BOUND_FIELDS, key=str)))
+    if value == _get(bundle, path):
+        return
+    tampered = set_at(bundle, path, value)
+    if rewrite_digest:
+        tampered["bundleDigest"] = bundle_digest(tampered) if _encodable(tampered) else "x"
+    raw = encode_bundle(tampered) if _encodable(tampered) else json.dumps(tampered).encode()
+    verdict = verify_bundle_bytes(raw)
+    assert verdict.verdict == REJECTED, (path, value)
+
+
+def _encodable(bundle: dict) -> bool:
+    try:
+        encode_bundle(bundle)
+    except ValueError:
+        return False
+    return True
