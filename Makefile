@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The local EVM chain (ganache, pinned by its package-lock.json) for anchoring on a real chain.
+CHAIN_DIR := certyo_demo/chain
+GANACHE := $(CHAIN_DIR)/node_modules/ganache/package.json
 
 .PHONY: run demo test lint format install clean
 
@@ -14,9 +17,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(GANACHE): $(CHAIN_DIR)/package-lock.json
+	npm ci --prefix $(CHAIN_DIR) --no-audit --no-fund --loglevel=error
+	touch $(GANACHE)
 
-run: $(STAMP)
+install: $(STAMP) $(GANACHE)
+
+run: $(STAMP) $(GANACHE)
 	$(BIN)/python -m certyo_demo.launcher --instance-config dagster.yaml --workspace workspace.yaml
 
 # Non-interactive end to end: seed, ingest the last hours, anchor, verify, summary; non-zero
@@ -24,7 +31,7 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m certyo_demo run --instance-config dagster.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(GANACHE)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -36,4 +43,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .dagster_home .certyo_run
+	rm -rf $(VENV) .dagster_home .certyo_run $(CHAIN_DIR)/node_modules

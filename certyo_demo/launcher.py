@@ -46,7 +46,7 @@ from certyo_dagster.settings import ConfigError, PipelineSettings
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.resource import INSECURE_HTTP_ENV
 from certyo_dagster.source.mongo import redact_uri
-from certyo_demo.servers import SecantusServer, ServerError, free_port, signal_group
+from certyo_demo.servers import LocalChain, SecantusServer, ServerError, free_port, signal_group
 from certyo_sandbox.config import DEFAULT_API_KEY as SANDBOX_API_KEY
 from certyo_sandbox.config import DEFAULT_TENANT as SANDBOX_TENANT
 
@@ -282,6 +282,23 @@ def _spawn(
         )
     finally:
         log.close()
+
+
+def _start_local_chain(stack: Stack, log_dir: Path) -> list[str]:
+    """Start a local EVM chain for the sandbox to anchor on; the sandbox's arguments for it.
+
+    Without Node.js or ganache (`make install` puts it in certyo_demo/chain) the sandbox
+    simulates its transactions instead, and this says so.
+    """
+    chain = LocalChain(log_path=log_dir / "chain.log")
+    try:
+        chain.start()
+    except ServerError as exc:
+        print(f"no local chain ({exc}); the sandbox simulates transactions", file=sys.stderr)
+        return []
+    assert chain.process is not None
+    stack.processes["chain"] = chain.process
+    return [f"--chain-rpc={chain.url}"]
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, what: str, log: Path, timeout: float):
@@ -570,6 +587,7 @@ def start_stack(
                 CERTYO_TENANT_ID=SANDBOX_TENANT,
             )
             env.pop("CERTYO_SANDBOX_API_KEYS", None)  # the sandbox then accepts the dev key
+            chain_args = _start_local_chain(stack, log_dir)
             stack.processes["sandbox"] = _spawn(
                 "sandbox",
                 [
@@ -582,6 +600,7 @@ def start_stack(
                     f"--flush-seconds={SANDBOX_FLUSH_SECONDS}",
                     f"--flush-records={SANDBOX_FLUSH_RECORDS}",
                     f"--anchor-delay-seconds={SANDBOX_ANCHOR_DELAY_SECONDS}",
+                    *chain_args,
                 ],
                 env,
                 log_dir,

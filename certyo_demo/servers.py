@@ -2,7 +2,9 @@
 
 `SecantusServer` runs SecantusDB (PyPI `secantusdb`, from the `dev` extra), a
 MongoDB-wire-compatible server. It is GPL-2.0, so it is only ever started as a program and
-spoken to over the wire, never imported. Each server runs in a process group of its own, so
+spoken to over the wire, never imported. `LocalChain` runs ganache (npm, pinned in
+certyo_demo/chain/package-lock.json), a local EVM chain for anchoring on a real chain. Each
+server runs in a process group of its own, so
 stopping it stops everything it started, and an interpreter that exits without stopping it
 still kills it (`atexit`).
 """
@@ -28,6 +30,10 @@ SECANTUS_PROGRAM = "secantusd-py"
 MEMORY_STORAGE = ":memory:"
 _START_TIMEOUT_SECONDS = 60.0
 _STOP_GRACE_SECONDS = 10.0
+
+CHAIN_DIR = Path(__file__).with_name("chain")
+GANACHE_CLI = CHAIN_DIR / "node_modules" / "ganache" / "dist" / "node" / "cli.js"
+LOCAL_CHAIN_ID = 1337
 
 
 class ServerError(RuntimeError):
@@ -222,7 +228,130 @@ class SecantusServer:
         self.stop()
 
 
-_running: set[SecantusServer] = set()
+class LocalChain:
+    """A ganache EVM chain on 127.0.0.1, in memory, one block per transaction.
+
+    Its accounts are deterministic, prefunded and unlocked, so `eth_sendTransaction` works
+    without keys; a reverted transaction is mined with receipt status 0 (not an RPC error).
+    ganache prints its accounts' private keys when it starts, so its output goes to
+    `log_path` (or nowhere), never to the terminal. Every start is a fresh chain.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        chain_id: int = LOCAL_CHAIN_ID,
+        log_path: Path | None = None,
+        node: str = "node",
+    ) -> None:
+        self.port = port
+        self.chain_id = chain_id
+        self.log_path = log_path
+        self.node = node
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ServerError("the chain has not been started")
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def command(self) -> list[str]:
+        node = shutil.which(self.node)
+        if node is None:
+            raise ServerError(f"{self.node} is not installed: the local chain needs Node.js 20")
+        if not GANACHE_CLI.exists():
+            raise ServerError(
+                f"ganache is not installed in {CHAIN_DIR}: run `make install` "
+                f"(npm ci --prefix {CHAIN_DIR})"
+            )
+        return [
+            node, str(GANACHE_CLI),
+            "--server.host", LOOPBACK, "--server.port", str(self.port),
+            "--wallet.deterministic",
+            "--chain.chainId", str(self.chain_id),
+            "--miner.blockTime", "0", "--miner.instamine", "eager",
+            # A reverted transaction is mined (status 0), as on a real chain.
+            "--chain.vmErrorsOnRPCResponse", "false",
+            "--logging.quiet",
+        ]  # fmt: skip
+
+    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> LocalChain:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if self.port is None:
+            self.port = free_port()
+        command = self.command()
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
+        output: Any = self._log if self._log is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _running.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._forget()
+                raise ServerError(
+                    f"ganache exited with status {self.process.returncode} while starting "
+                    f"(port {self.port} taken?)"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            if self.answers():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise ServerError(f"ganache did not answer on port {self.port} within {timeout:.0f} s")
+
+    def answers(self) -> bool:
+        """Whether the node answers eth_chainId with our chain id (a short timeout, so a
+        squatter that accepts connections and never answers cannot stall the start)."""
+        import requests  # only the chain needs HTTP here
+
+        try:
+            response = requests.post(
+                self.url,
+                json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []},
+                timeout=0.5,
+            )
+            return int(response.json()["result"], 16) == self.chain_id
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return False
+
+    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        if self.process is not None:
+            stop_process(self.process, grace)
+        self._forget()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            signal_group(self.process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=_STOP_GRACE_SECONDS)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _running.discard(self)
+
+    def __enter__(self) -> LocalChain:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_running: set[SecantusServer | LocalChain] = set()
 
 
 @atexit.register

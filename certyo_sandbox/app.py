@@ -22,6 +22,8 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from certyo_dagster.prove.chain import ChainRpcError
+from certyo_sandbox.chain import ChainAnchorer
 from certyo_sandbox.config import SandboxConfig
 from certyo_sandbox.faults import Fault, FaultScript, TokenBucket, parse_faults
 from certyo_sandbox.store import SandboxStore, StoredVersion, iso_utc
@@ -57,14 +59,21 @@ def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status, error.headers or None)
 
 
-def verify_body(version: StoredVersion, now: float, anchor_delay: float) -> dict[str, Any]:
+def verify_body(
+    version: StoredVersion, now: float, anchor_delay: float, *, on_chain: bool = False
+) -> dict[str, Any]:
     """The verify response for one stored version at time `now`.
 
     A record is verified once accepted, part of a Merkle tree (with a proof and an IPFS
     id) once its batch flushed, and anchored on chain `anchor_delay` seconds after that.
+    With `on_chain` (the sandbox anchors on a real chain), it is anchored only once its
+    batch's transaction is mined too, and the answer names that transaction, its block and
+    the chain id.
     """
     in_tree = version.merkle_root is not None and version.flushed_ts is not None
     anchored = in_tree and now >= version.flushed_ts + anchor_delay  # type: ignore[operator]
+    if on_chain:
+        anchored = anchored and version.chain_transaction_hash is not None
     body: dict[str, Any] = {
         "verified": True,
         "anchoredOnChain": anchored,
@@ -87,6 +96,13 @@ def verify_body(version: StoredVersion, now: float, anchor_delay: float) -> dict
             else None
         ),
     }
+    if on_chain and anchored:
+        body["transactionHash"] = version.chain_transaction_hash
+        body["blockNumber"] = version.chain_block_number
+        body["chainId"] = version.chain_id
+        body["anchoredAt"] = iso_utc(
+            max(version.chain_anchored_ts, version.flushed_ts + anchor_delay)  # type: ignore[arg-type, operator]
+        )
     if in_tree:
         body["merkleProof"] = {
             "leafIndex": version.leaf_index,
@@ -146,6 +162,9 @@ class SandboxApp:
         self.idempotent_replays = 0
         self.leniencies: Leniencies = Counter()
         self._anchor_task: asyncio.Task | None = None
+        self.chain = ChainAnchorer(config.chain_rpc) if config.chain_rpc else None
+        self.chain_failures = 0
+        self._chain_lock: asyncio.Lock | None = None
         self._api_routes: dict[tuple[str, str], Handler] = {
             ("POST", "/api/v1/records"): self._ingest_one,
             ("POST", "/api/v1/records/bulk"): self._ingest_bulk,
@@ -202,14 +221,16 @@ class SandboxApp:
 
     def startup(self) -> None:
         self.store = SandboxStore(self.config.db_path)
+        self._chain_lock = asyncio.Lock()
         self._flush_due(time.time())
         self._anchor_task = asyncio.get_running_loop().create_task(self._anchor_loop())
         log.info(
-            "certyo-sandbox ready: tenants=%s db=%s flush_records=%d flush_seconds=%s",
+            "certyo-sandbox ready: tenants=%s db=%s flush_records=%d flush_seconds=%s chain=%s",
             sorted(set(self.config.api_keys.values())),
             self.config.db_path,
             self.config.flush_records,
             self.config.flush_seconds,
+            self.config.chain_rpc or "simulated",
         )
 
     async def shutdown(self) -> None:
@@ -220,6 +241,8 @@ class SandboxApp:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.chain is not None:
+            self.chain.close()
 
     async def _dispatch(self, request: Request) -> Response:
         key = (request.method, request.url.path)
@@ -448,7 +471,14 @@ class SandboxApp:
             raise ApiError(
                 404, "not_found", f"no such {what}", [FieldError("recordId", "not found")]
             )
-        return json_response(verify_body(version, time.time(), self.config.anchor_delay_seconds))
+        return json_response(
+            verify_body(
+                version,
+                time.time(),
+                self.config.anchor_delay_seconds,
+                on_chain=self.chain is not None,
+            )
+        )
 
     async def _query(self, request: Request, tenant: str) -> Response:
         params = request.query_params
@@ -510,6 +540,38 @@ class SandboxApp:
                 self._flush_due(time.time())
             except Exception:  # keep anchoring alive; the next tick retries
                 log.exception("anchoring flush failed")
+            await self._anchor_on_chain()
+
+    async def _anchor_on_chain(self) -> int:
+        """Send every flushed batch not yet on chain; returns how many were anchored.
+
+        A chain that cannot be reached leaves the batches for the next tick: their records
+        stay `batched`, never `anchored`.
+        """
+        if self.chain is None or self._chain_lock is None:
+            return 0
+        anchored = 0
+        async with self._chain_lock:
+            for batch_id, root in self._store.batches_off_chain():
+                try:
+                    result = await asyncio.to_thread(self.chain.anchor, root)
+                except (ChainRpcError, ValueError, KeyError, TypeError) as exc:
+                    if self.chain_failures == 0:
+                        log.warning("anchoring on %s failed (will retry): %s", self.chain.url, exc)
+                    self.chain_failures += 1
+                    break
+                if self.chain_failures:
+                    log.info("anchoring on %s works again", self.chain.url)
+                self.chain_failures = 0
+                self._store.record_chain_anchor(
+                    batch_id,
+                    result.chain_id,
+                    result.transaction_hash,
+                    result.block_number,
+                    time.time(),
+                )
+                anchored += 1
+        return anchored
 
     # -- controls ---------------------------------------------------------------------
 
@@ -528,6 +590,15 @@ class SandboxApp:
                 "idempotent_replays": self.idempotent_replays,
                 "pending_records": store.pending_records,
                 "leniencies": dict(sorted(self.leniencies.items())),
+                **(
+                    {
+                        "chain_rpc": self.chain.url,
+                        "batches_off_chain": len(store.batches_off_chain()),
+                        "chain_failures": self.chain_failures,
+                    }
+                    if self.chain is not None
+                    else {}
+                ),
             }
         )
 
@@ -547,7 +618,14 @@ class SandboxApp:
         flushed = 0
         while self._store.pending_records:
             flushed += self._store.flush(time.time(), self.config.flush_records)
-        return json_response({"flushed": flushed, "batches_anchored": self._store.batches_anchored})
+        body: dict[str, Any] = {
+            "flushed": flushed,
+            "batches_anchored": self._store.batches_anchored,
+        }
+        if self.chain is not None:
+            await self._anchor_on_chain()
+            body["batches_off_chain"] = len(self._store.batches_off_chain())
+        return json_response(body)
 
 
 def _retry_after_header(seconds: float) -> str:

@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sourceTimestamp without a UTC offset, unknown or empty fields); by default such "
         "requests are accepted with a warning in this log",
     )
+    parser.add_argument(
+        "--chain-rpc",
+        metavar="URL",
+        default=None,
+        help="anchor each batch root on this EVM chain (JSON-RPC, an unlocked account "
+        "such as a local ganache's): verify then reports that transaction's hash, block and "
+        "chain id. Without it, transaction hashes are simulated",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
         "--announce-port",
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             enable_fault_injection=args.enable_fault_injection,
             max_body_bytes=args.max_body_bytes,
             strict=args.strict,
+            chain_rpc=args.chain_rpc,
         )
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))

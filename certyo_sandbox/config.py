@@ -18,7 +18,9 @@ class SandboxConfig:
     records are pending or the oldest pending record is `flush_seconds` old; its records
     count as anchored on chain `anchor_delay_seconds` after the flush. With `strict`, requests
     that the Certyo reference allows but a careful client avoids are refused instead of
-    accepted with a warning (see `certyo_sandbox.validation`).
+    accepted with a warning (see `certyo_sandbox.validation`). With `chain_rpc` (a JSON-RPC
+    URL), each batch root is sent to that EVM chain in a real transaction, and a record counts
+    as anchored once that transaction is mined (and `anchor_delay_seconds` have passed).
     """
 
     api_keys: dict[str, str] = field(default_factory=lambda: {DEFAULT_API_KEY: DEFAULT_TENANT})
@@ -30,6 +32,7 @@ class SandboxConfig:
     enable_fault_injection: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     strict: bool = False
+    chain_rpc: str | None = None
 
     def __post_init__(self) -> None:
         if not self.api_keys:
@@ -45,6 +48,8 @@ class SandboxConfig:
             raise ValueError("anchor_delay_seconds must not be negative")
         if self.rate_limit_rps is not None and self.rate_limit_rps <= 0:
             raise ValueError(f"rate_limit_rps must be positive, got {self.rate_limit_rps}")
+        if self.chain_rpc is not None and not self.chain_rpc.startswith(("http://", "https://")):
+            raise ValueError(f"chain_rpc must be an http(s) URL, got {self.chain_rpc!r}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
 
@@ -57,5 +62,6 @@ class SandboxConfig:
             f" anchor_delay_seconds={self.anchor_delay_seconds},"
             f" rate_limit_rps={self.rate_limit_rps},"
             f" enable_fault_injection={self.enable_fault_injection},"
-            f" max_body_bytes={self.max_body_bytes}, strict={self.strict})"
+            f" max_body_bytes={self.max_body_bytes}, strict={self.strict},"
+            f" chain_rpc={self.chain_rpc!r})"
         )

@@ -200,6 +200,8 @@ def config_to_args(config: SandboxConfig, *, port: int = 0) -> list[str]:
         args += ["--rate-limit-rps", str(config.rate_limit_rps)]
     if config.enable_fault_injection:
         args.append("--enable-fault-injection")
+    if config.chain_rpc is not None:
+        args += ["--chain-rpc", config.chain_rpc]
     return args
 
 

@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS batches (
     transaction_hash TEXT NOT NULL,
     ipfs_cid TEXT NOT NULL
 );
+-- Batches anchored on a real chain (`--chain-rpc`); kept apart from `batches` so database
+-- files written without a chain open unchanged.
+CREATE TABLE IF NOT EXISTS chain_anchors (
+    batch_id INTEGER PRIMARY KEY,
+    chain_id INTEGER NOT NULL,
+    transaction_hash TEXT NOT NULL,
+    block_number INTEGER NOT NULL,
+    anchored_ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -112,6 +121,10 @@ class StoredVersion:
     block_number: int | None
     transaction_hash: str | None
     ipfs_cid: str | None
+    chain_id: int | None = None
+    chain_transaction_hash: str | None = None
+    chain_block_number: int | None = None
+    chain_anchored_ts: float | None = None
 
 
 class SandboxStore:
@@ -315,8 +328,10 @@ class SandboxStore:
         sql = (
             "SELECT r.body, r.record_hash, r.accepted_at, l.leaf_index, l.audit_path,"
             " b.merkle_root, b.tree_size, b.flushed_ts, b.block_number, b.transaction_hash,"
-            " b.ipfs_cid FROM records r LEFT JOIN leaves l ON l.seq = r.seq"
+            " b.ipfs_cid, c.chain_id, c.transaction_hash, c.block_number, c.anchored_ts"
+            " FROM records r LEFT JOIN leaves l ON l.seq = r.seq"
             " LEFT JOIN batches b ON b.batch_id = l.batch_id"
+            " LEFT JOIN chain_anchors c ON c.batch_id = b.batch_id"
             " WHERE r.tenant = ? AND r.database = ? AND r.collection = ? AND r.record_id = ?"
         )
         params: list[Any] = [tenant, database, collection, record_id]
@@ -326,7 +341,7 @@ class SandboxStore:
         row = self._db.execute(sql + " ORDER BY r.seq DESC LIMIT 1", params).fetchone()
         if row is None:
             return None
-        body, digest, accepted_at, leaf_index, path, root, size, flushed, block, tx, cid = row
+        body, digest, accepted_at, leaf_index, path, root, size, flushed, block, tx, cid = row[:11]
         audit_path = [path[i : i + 32] for i in range(0, len(path), 32)] if path else []
         return StoredVersion(
             orjson.loads(body),
@@ -340,6 +355,24 @@ class SandboxStore:
             block,
             tx,
             cid,
+            *row[11:],
+        )
+
+    def batches_off_chain(self, limit: int = 100) -> list[tuple[int, bytes]]:
+        """(batch_id, root) of flushed batches not yet anchored on the chain, oldest first."""
+        return self._db.execute(
+            "SELECT b.batch_id, b.merkle_root FROM batches b"
+            " LEFT JOIN chain_anchors c ON c.batch_id = b.batch_id"
+            " WHERE c.batch_id IS NULL ORDER BY b.batch_id LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def record_chain_anchor(
+        self, batch_id: int, chain_id: int, transaction_hash: str, block_number: int, now: float
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO chain_anchors VALUES (?, ?, ?, ?, ?)",
+            (batch_id, chain_id, transaction_hash, block_number, now),
         )
 
     def query(

@@ -7,4 +7,5 @@ pytest_plugins = [
     "fixtures.pipeline",
     "fixtures.ledger",
     "fixtures.tcp_proxy",
+    "fixtures.chain",
 ]

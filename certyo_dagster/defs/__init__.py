@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 
 from certyo_dagster.defs.ingestion import build_ingestion_defs
+from certyo_dagster.defs.proofs import build_proof_defs
 from certyo_dagster.defs.resources import default_resources
 from certyo_dagster.defs.verification import build_verification_defs
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
@@ -22,7 +23,9 @@ def build_collection_definitions(
 ) -> dg.Definitions:
     """Everything Dagster shows for one collection (no resources)."""
     return dg.Definitions.merge(
-        build_ingestion_defs(spec, settings), build_verification_defs(spec, settings)
+        build_ingestion_defs(spec, settings),
+        build_verification_defs(spec, settings),
+        build_proof_defs(spec, settings),
     )
 
 

@@ -106,9 +106,10 @@ def test_unconfigured_launch_starts_secantus_sandbox_seed_and_churn_then_stops_t
             INSTANCE_CONFIG.read_text()
         )
         assert stack.seeded == 200
-        assert requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).ok
-        assert set(stack.processes) == {"sandbox", "churn"}
-        assert len(pids) == 3  # sandbox, churn and SecantusDB
+        stats = requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).json()
+        assert stats["chain_rpc"].startswith("http://127.0.0.1:")  # anchors on a local chain
+        assert set(stack.processes) == {"chain", "sandbox", "churn"}
+        assert len(pids) == 4  # chain, sandbox, churn and SecantusDB
         close_all_clients()
         products = open_client(env["MONGO_URI"])["productdb"]["products"]
         assert products.count_documents({}) >= 200

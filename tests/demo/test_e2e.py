@@ -34,6 +34,7 @@ ASSETS = [
     "productdb/products/ingestion_receipts",
     "productdb/products/anchoring_status",
     "productdb/products/tamper_audit",
+    "productdb/products/proof_bundles",
 ]
 PARTITIONED = ASSETS[1:4]
 
@@ -135,6 +136,7 @@ def test_sensor_and_schedules_run_by_default_in_demo_mode(stack: Stack) -> None:
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     schedules = {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]}
     assert sensors["products_change_sensor"] == "RUNNING"
+    assert sensors["products_proof_bundles_automation"] == "RUNNING"
     assert schedules["ingest_products_hourly"] == "RUNNING"
     assert schedules["verify_products_schedule"] == "RUNNING"
 
