@@ -3,37 +3,22 @@ sandbox over HTTP and a local chain."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import pymongo
 import pytest
 from bson import ObjectId
-from fixtures.mongo import MongoTarget
 from fixtures.pipeline import hour, make_pipeline, pk
 
 from certyo_dagster.defs.proofs import proof_keys
 from certyo_dagster.proof_cli import run_verify
 from certyo_dagster.sanitize.documents import version_ms
-from certyo_dagster.source.mongo import close_all_clients
 from certyo_dagster.verify.reconcile import compare_hour
 
 
 @pytest.fixture
-def secantus_db(secantus) -> Iterator[MongoTarget]:
-    name = f"certyo_defs_{uuid.uuid4().hex[:10]}"
-    try:
-        yield MongoTarget(secantus.uri, name, True)
-    finally:
-        pymongo.MongoClient(secantus.uri).drop_database(name)
-        close_all_clients()
-
-
-@pytest.fixture
-def pipeline(secantus_db, chain_sandbox):
-    return make_pipeline(secantus_db, chain_sandbox)
+def pipeline(mongo, chain_sandbox):
+    return make_pipeline(mongo, chain_sandbox)
 
 
 def seed(pipeline, count: int, n_hour: int = 1) -> list[dict]:
@@ -159,15 +144,15 @@ def test_a_backfill_range_compares_each_hour_and_names_the_failing_ones(pipeline
     assert failed.metadata["first_differing_ids"].value == ["d1"]
 
 
-def test_proof_bundles_follow_anchoring_status_by_an_automation_sensor(secantus_db, sandbox):
-    demo = make_pipeline(secantus_db, sandbox, demo_mode=True)
+def test_proof_bundles_follow_anchoring_status_by_an_automation_sensor(mongo, sandbox):
+    demo = make_pipeline(mongo, sandbox, demo_mode=True)
     sensor = demo.defs.resolve_sensor_def("products_proof_bundles_automation")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     key = proof_keys(demo.spec())["proof_bundles"]
     assets_def = demo.defs.resolve_assets_def(key)
     assert assets_def.automation_conditions_by_key[key] is not None
     assert (
-        make_pipeline(secantus_db, sandbox)
+        make_pipeline(mongo, sandbox)
         .defs.resolve_sensor_def("products_proof_bundles_automation")
         .default_status
         == dg.DefaultSensorStatus.STOPPED

@@ -12,16 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
-import pymongo
 import pytest
 from bson import Decimal128, ObjectId
 from fixtures.chain import deploy_reverter, rpc, send_transaction
-from fixtures.mongo import MongoTarget
 from fixtures.pipeline import hour, make_pipeline, pk
 from fixtures.sandbox import TENANT_A, TEST_KEY_A, sandbox_test_config
 
@@ -29,7 +26,6 @@ from certyo_dagster.proof_cli import EXIT_OK, EXIT_REJECTED, EXIT_UNCHECKED, mai
 from certyo_dagster.prove.bundle import bundle_digest, decode_bundle, encode_bundle
 from certyo_dagster.prove.chain import EvmRpc
 from certyo_dagster.prove.verifier import verify_bundle_bytes
-from certyo_dagster.source.mongo import close_all_clients
 from certyo_demo.servers import LocalChain, free_port
 from certyo_sandbox.server import SandboxServer
 
@@ -46,21 +42,10 @@ def own_chain(tmp_path_factory) -> Iterator[LocalChain]:
 
 
 @pytest.fixture
-def secantus_db(secantus) -> Iterator[MongoTarget]:
-    name = f"certyo_proof_{uuid.uuid4().hex[:10]}"
-    target = MongoTarget(secantus.uri, name, True)
-    try:
-        yield target
-    finally:
-        pymongo.MongoClient(secantus.uri).drop_database(name)
-        close_all_clients()
-
-
-@pytest.fixture
-def anchored(secantus_db, own_chain, monkeypatch, tmp_path):
+def anchored(mongo, own_chain, monkeypatch, tmp_path):
     """A collection whose DOCS documents were ingested, anchored on the chain and verified."""
     with SandboxServer(sandbox_test_config(chain_rpc=own_chain.url)) as sandbox:
-        pipeline = make_pipeline(secantus_db, sandbox)
+        pipeline = make_pipeline(mongo, sandbox)
         products = pipeline.db["products"]
         products.insert_many(
             [
@@ -81,8 +66,8 @@ def anchored(secantus_db, own_chain, monkeypatch, tmp_path):
         pipeline.run_job("verify_products")
         assert products.count_documents({"certyo_status": "anchored"}) == DOCS + 1
         for name, value in {
-            "MONGO_URI": secantus_db.uri,
-            "MONGO_DATABASE": secantus_db.database,
+            "MONGO_URI": mongo.uri,
+            "MONGO_DATABASE": mongo.database,
             "CERTYO_COLLECTIONS": "products",
             "CERTYO_BASE_URL": sandbox.base_url,
             "CERTYO_API_KEY": TEST_KEY_A,
