@@ -12,10 +12,10 @@ from datetime import datetime
 
 import dagster as dg
 
-from certyo_dagster.defs import build_definitions
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.wiring import build_definitions
 
 START = datetime.fromisoformat("2026-11-01T00:00:00+00:00")
 

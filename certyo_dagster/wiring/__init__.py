@@ -11,10 +11,10 @@ from typing import Any
 
 import dagster as dg
 
-from certyo_dagster.defs.ingestion import build_ingestion_defs
-from certyo_dagster.defs.resources import default_resources
-from certyo_dagster.defs.verification import build_verification_defs
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.wiring.ingestion import build_ingestion_defs
+from certyo_dagster.wiring.resources import default_resources
+from certyo_dagster.wiring.verification import build_verification_defs
 
 
 def build_collection_definitions(

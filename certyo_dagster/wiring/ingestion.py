@@ -20,15 +20,15 @@ from certyo_dagster.capture.polling import (
     count_untimestamped,
     ensure_indexes,
 )
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import build_ingest_schedule
-from certyo_dagster.defs.sensors import build_change_sensor
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIngestor
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource, redact_uri
+from certyo_dagster.wiring.partitions import hourly_partitions
+from certyo_dagster.wiring.schedules import build_ingest_schedule
+from certyo_dagster.wiring.sensors import build_change_sensor
 
 CERTYO_POOL = "certyo"
 

@@ -13,12 +13,12 @@ from certyo_dagster.capture.cursors import (
     write_cursor_mirror,
 )
 from certyo_dagster.capture.polling import scan_changes
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES
 from certyo_dagster.sanitize.documents import version_ms
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.ingest import is_acknowledged
 from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.wiring.partitions import hourly_partitions
+from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
 
 MAX_DOCUMENTS_PER_TICK = 20_000
 

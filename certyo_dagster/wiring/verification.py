@@ -14,8 +14,6 @@ from pydantic import Field
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.polling import ensure_indexes
-from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
-from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.resource import CertyoResource
@@ -35,6 +33,8 @@ from certyo_dagster.verify.pending import (
     latency_percentiles,
     oldest_pending_age,
 )
+from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
+from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES, default_status
 
 
 class VerifyConfig(dg.Config):

@@ -72,7 +72,7 @@ def test_every_step_that_calls_certyo_is_in_the_certyo_pool_limited_by_dagster_y
 
     import dagster as dg
 
-    from certyo_dagster.defs import build_definitions
+    from certyo_dagster.wiring import build_definitions
 
     defs = build_definitions(PipelineSettings.from_env({}))
     pools = {
