@@ -68,7 +68,7 @@ def asset_keys(spec: CollectionSpec) -> dict[str, dg.AssetKey]:
 def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     keys = asset_keys(spec)
     group = spec.collection
-    partitions = hourly_partitions(settings)
+    partitions = hourly_partitions(spec)
     source = dg.AssetSpec(
         keys["source"],
         description=f"The MongoDB collection {spec.database}.{spec.collection}, versioned by "

@@ -72,19 +72,19 @@ def build_change_sensor(
     job: Any,
     max_documents_per_tick: int = MAX_DOCUMENTS_PER_TICK,
 ) -> dg.SensorDefinition:
-    lookback = timedelta(minutes=settings.lookback_minutes)
-    partitions = hourly_partitions(settings)
+    lookback = timedelta(minutes=spec.lookback_minutes)
+    partitions = hourly_partitions(spec)
 
     @dg.sensor(
         name=f"{spec.collection}_change_sensor",
         job=job,
-        minimum_interval_seconds=settings.sensor_interval_seconds,
+        minimum_interval_seconds=spec.sensor_interval_seconds,
         default_status=(
             dg.DefaultSensorStatus.RUNNING if settings.demo_mode else dg.DefaultSensorStatus.STOPPED
         ),
-        description=f"Every {settings.sensor_interval_seconds}s, find versions of "
+        description=f"Every {spec.sensor_interval_seconds}s, find versions of "
         f"{spec.database}.{spec.collection} not yet acknowledged by Certyo (re-reading "
-        f"{settings.lookback_minutes} min of lookback) and request one run per affected hour. "
+        f"{spec.lookback_minutes} min of lookback) and request one run per affected hour. "
         "The cursor is (lastSyncAt, lastId), mirrored in _certyo_cursors.",
     )
     def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
@@ -106,7 +106,7 @@ def build_change_sensor(
             spec,
             position,
             lookback=lookback,
-            earliest=settings.partition_start,
+            earliest=spec.partition_start,
             latest=latest,
             max_documents=max_documents_per_tick,
             is_handled=handled,

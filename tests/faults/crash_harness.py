@@ -79,8 +79,11 @@ def main(argv: list[str]) -> int:
 
         ingest.WindowIngestor.run = run_then_die
     settings = PipelineSettings(
-        collections=[CollectionSpec("productdb", "products")],
-        partition_start=datetime.fromisoformat(partition_start),
+        collections=[
+            CollectionSpec(
+                "productdb", "products", partition_start=datetime.fromisoformat(partition_start)
+            )
+        ],
     )
     resources = {
         "mongo": MongoResource(uri=mongo_uri, database="productdb"),

@@ -36,7 +36,7 @@ if os.environ.get("HARNESS_MOCK_MONGO") == "1":
     )  # fmt: skip
 
 defs = build_definitions(
-    PipelineSettings(collections=[CollectionSpec("productdb", "products")], partition_start=START),
+    PipelineSettings(collections=[CollectionSpec("productdb", "products", partition_start=START)]),
     resources={
         "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database="productdb"),
         "certyo": CertyoResource(
