@@ -23,7 +23,12 @@ from certyo_dagster.settings import (
     PipelineSettings,
 )
 from certyo_dagster.ship.resource import CertyoResource
-from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.source.mongo import (
+    MongoResource,
+    describe_mongo_error,
+    describe_mongo_errors,
+    redact_uri_text,
+)
 from certyo_dagster.verify.audit import TamperReport, run_tamper_audit
 from certyo_dagster.verify.pending import (
     DEFAULT_MAX_ERRORS,
@@ -39,7 +44,7 @@ from certyo_dagster.verify.pending import (
     latency_percentiles,
     oldest_pending_age,
 )
-from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
+from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES, default_status
 
 
@@ -155,10 +160,7 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
             now = datetime.now(timezone.utc)
             summary = anchoring_summary(collection)
         except PyMongoError as exc:
-            raise dg.Failure(
-                description=f"MongoDB at {mongo.display_uri} failed: "
-                f"{type(exc).__name__}: {redact_uri_text(str(exc), mongo.uri)}"
-            ) from None
+            raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
 
         yield dg.MaterializeResult(metadata=status_metadata(summary, report, now, deadline))
         yield failed_documents_check(summary)
@@ -200,10 +202,7 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
                 log=context.log.info,
             )
         except PyMongoError as exc:
-            raise dg.Failure(
-                description=f"MongoDB at {mongo.display_uri} failed: "
-                f"{type(exc).__name__}: {redact_uri_text(str(exc), mongo.uri)}"
-            ) from None
+            raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
         if report.mismatches:
             context.log.error(
                 f"{report.mismatches} anchored documents of {spec.database}.{spec.collection} "
@@ -268,6 +267,7 @@ def build_verify_schedule(
         description=f"On `{spec.verify_cron}` (UTC), verify pending versions, unless none "
         "is pending or the previous verify run is still going.",
     )
+    @describe_mongo_errors
     def verify_schedule(context: dg.ScheduleEvaluationContext, mongo: MongoResource):
         running = context.instance.get_run_records(
             dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1
