@@ -143,7 +143,8 @@ def build_change_sensor(
         if scan.position is not None:
             write_cursor_mirror(database, spec, scan.position)
         busy = partitions_with_active_runs(context.instance, job.name, partitions)
-        busy |= open_hour_on_hold(context.instance, job.name, spec, now)
+        held = open_hour_on_hold(context.instance, job.name, spec, now) - busy
+        busy |= held
         deferred = sorted(pk for pk in scan.partitions if pk in busy)
         run_requests = [
             dg.RunRequest(
@@ -160,9 +161,7 @@ def build_change_sensor(
         if not run_requests:
             since = scan.position.ts.isoformat() if scan.position else "the partition start"
             reason = (
-                f"unacknowledged versions only in hours with a run in progress, or in the hour "
-                f"in progress, which is requested at most every {spec.open_hour_interval_minutes}"
-                f" min: {', '.join(deferred)}; a later tick requests them"
+                _deferred_reason(deferred, held, spec.open_hour_interval_minutes)
                 if deferred
                 else f"no unacknowledged versions since {since} UTC "
                 f"({scan.scanned} versions re-read in the lookback)"
@@ -176,3 +175,16 @@ def build_change_sensor(
         return dg.SensorResult(run_requests=run_requests, cursor=cursor)
 
     return change_sensor
+
+
+def _deferred_reason(deferred: list[str], held: set[str], interval_minutes: int) -> str:
+    running = [pk for pk in deferred if pk not in held]
+    parts = []
+    if running:
+        parts.append(f"hours with a run in progress: {', '.join(running)}")
+    if held & set(deferred):
+        parts.append(
+            f"the hour in progress, {', '.join(sorted(held))}, requested at most every "
+            f"{interval_minutes} min"
+        )
+    return f"unacknowledged versions only in {'; and in '.join(parts)}; a later tick requests them"

@@ -11,7 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 from certyo_demo.servers import free_port, stop_process
@@ -173,5 +172,17 @@ def test_dg_dev_serves_the_ui_and_stops_without_leftovers(tmp_path):
     finally:
         stop_process(process)
         log.close()
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)
+    assert _group_gone(process.pid, timeout=15), "a process of dg dev's group is still running"
+
+
+def _group_gone(group: int, timeout: float) -> bool:
+    """Whether every process of the group has exited (killed ones may take a moment to be
+    reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
