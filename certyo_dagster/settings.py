@@ -11,15 +11,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, get_args
 
 DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
 DEFAULT_TIMESTAMP_FIELD = "updatedAt"
-# How each collection is captured. Only polling exists; the field is where other capture
-# methods will be selected.
-CAPTURE_METHODS = ("polling",)
-DEFAULT_CAPTURE = "polling"
+# How a collection's changes are captured. Only polling exists; other methods are added to
+# this Literal when they are implemented (the component's `capture` attribute uses it).
+Capture = Literal["polling"]
+CAPTURE_METHODS: tuple[str, ...] = get_args(Capture)
+DEFAULT_CAPTURE: Capture = "polling"
 DEFAULT_LOOKBACK_MINUTES = 5
 DEFAULT_SCHEDULE_MINUTE = 5
 DEFAULT_SENSOR_INTERVAL_SECONDS = 30

@@ -11,7 +11,6 @@ ones `CERTYO_COLLECTIONS` builds for the same collection: the component only tur
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import dagster as dg
 from pydantic import Field
@@ -31,16 +30,13 @@ from certyo_dagster.settings import (
     DEFAULT_VERIFY_DEADLINE_HOURS,
     DEFAULT_VERIFY_MAX_DOCUMENTS,
     MIN_SENSOR_INTERVAL_SECONDS,
+    Capture,
     CollectionSpec,
     PipelineSettings,
     demo_mode_from_env,
     parse_partition_start,
 )
 from certyo_dagster.wiring import build_collection_definitions
-
-# How a collection's changes are captured. Only polling exists today; other methods are added
-# to this Literal (and to settings.CAPTURE_METHODS) when they are implemented.
-Capture = Literal["polling"]
 
 
 class CertyoCollectionScaffolder(dg.Scaffolder):
