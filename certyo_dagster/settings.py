@@ -19,7 +19,7 @@ DEFAULT_TIMESTAMP_FIELD = "updatedAt"
 # How a collection's changes are captured. Only polling exists; other methods are added to
 # this Literal when they are implemented (the component's `capture` attribute uses it).
 Capture = Literal["polling"]
-CAPTURE_METHODS: tuple[str, ...] = get_args(Capture)
+CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
 DEFAULT_CAPTURE: Capture = "polling"
 DEFAULT_LOOKBACK_MINUTES = 5
 DEFAULT_SCHEDULE_MINUTE = 5
@@ -56,7 +56,7 @@ class CollectionSpec:
     database: str
     collection: str
     timestamp_field: str = DEFAULT_TIMESTAMP_FIELD
-    capture: str = DEFAULT_CAPTURE
+    capture: Capture = DEFAULT_CAPTURE
     partition_start: datetime = DEFAULT_PARTITION_START
     lookback_minutes: int = DEFAULT_LOOKBACK_MINUTES
     schedule_minute: int = DEFAULT_SCHEDULE_MINUTE
@@ -82,10 +82,10 @@ class CollectionSpec:
                 f"timestamp field {self.timestamp_field!r} of collection {self.collection!r} "
                 "is not a valid field path"
             )
-        if self.capture not in CAPTURE_METHODS:
+        if self.capture not in CAPTURE_MODES:
             raise ConfigError(
                 f"capture {self.capture!r} of collection {self.collection!r} is not one of "
-                f"{', '.join(CAPTURE_METHODS)}"
+                f"{', '.join(CAPTURE_MODES)}"
             )
         start = self.partition_start
         if start.tzinfo is None or start.utcoffset() or start.minute or start.second:
