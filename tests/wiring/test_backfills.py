@@ -1,23 +1,31 @@
-"""How many runs each way of backfilling makes, and that its page can show partition statuses.
+"""How many runs each way of backfilling makes, and where each shows its partition statuses.
 
-GraphQL is the webserver's own schema, run against the code location in a code server of its
-own (as `dagster dev` runs it); the daemon's backfill iteration makes the runs. Runs are
-launched with a launcher that records them without executing them: what is under test is how
-they are cut and tagged.
+The UI's backfills: GraphQL is the webserver's own schema, run against the code location in a
+code server of its own (as `dagster dev` runs it), and the daemon's backfill iteration makes
+the runs, with a launcher that records them without executing them (what is under test is how
+they are cut and tagged). The CLI's `dg launch` runs for real, against SecantusDB and the
+sandbox.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import uuid
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
+import pymongo
 import pytest
 from dagster._cli.job import execute_backfill_command
 from dagster._cli.workspace.cli_target import WorkspaceOpts
 from dagster._daemon.backfill import execute_backfill_iteration
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+from fixtures.sandbox import TENANT_A, TEST_KEY_A
 
 REPO = Path(__file__).resolve().parents[2]
 HOURS = ["2026-11-30-06:00", "2026-11-30-07:00", "2026-11-30-08:00", "2026-11-30-09:00"]
@@ -146,3 +154,54 @@ def test_dagster_job_backfill_makes_one_run_per_hour_so_the_readme_does_not_use_
     # Its page: "Partition statuses unavailable", from this error in the webserver.
     with pytest.raises(KeyError, match="asset_partition_range_start"):
         execute_dagster_graphql(ui, STATUSES, {"id": backfill.backfill_id})
+
+
+def test_dg_launch_of_a_range_is_one_run_and_every_hour_shows_as_materialized(
+    secantus, sandbox, tmp_path
+):
+    """The README's CLI backfill, against real servers, with the force config it documents."""
+    database = f"backfill_{uuid.uuid4().hex[:8]}"
+    client = pymongo.MongoClient(secantus.uri)
+    versions = [datetime(2026, 11, 30, h, m) for h in (6, 8) for m in (1, 2)]
+    client[database]["products"].insert_many(
+        [{"_id": f"p{i}", "updatedAt": ts} for i, ts in enumerate(versions)]
+    )
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGO_", "CERTYO_"))}
+    env.update(
+        MONGO_URI=secantus.uri,
+        MONGO_DATABASE=database,
+        CERTYO_BASE_URL=sandbox.base_url,
+        CERTYO_API_KEY=TEST_KEY_A,
+        CERTYO_TENANT_ID=TENANT_A,
+        CERTYO_PARTITION_START="2026-11-30T00:00",
+        DAGSTER_HOME=str(home),
+    )
+    dg_cli = str(Path(sys.executable).with_name("dg"))
+    hours = f"{HOURS[0]}...{HOURS[-1]}"
+    force = '{"ops": {"ingest_products_window": {"config": {"force": true}}}}'
+    try:
+        for extra in ([], ["--config-json", force]):
+            result = subprocess.run(
+                [dg_cli, "launch", "--job", "ingest_products", "--partition-range", hours, *extra],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            runs = instance.get_runs(dg.RunsFilter(job_name="ingest_products"))
+            assert len(runs) == 2, "one run per command"
+            assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+            assert {(r.tags[RANGE_TAGS[0]], r.tags[RANGE_TAGS[1]]) for r in runs} == {
+                (HOURS[0], HOURS[-1])
+            }
+            key = dg.AssetKey([database, "products", "ingestion_receipts"])
+            assert instance.get_materialized_partitions(key) == set(HOURS)
+            latest = instance.get_latest_materialization_event(key).asset_materialization
+            # The second run, with force: true, sent every version again: Certyo replayed them.
+            assert latest.metadata["replayed"].value == 4
+    finally:
+        client.drop_database(database)
+        client.close()
