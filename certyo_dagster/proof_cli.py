@@ -155,13 +155,13 @@ def parse_since(text: str) -> datetime:
 
 def run_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # The pipeline (pymongo, the Certyo client) is loaded only here, never for verify.
-    from certyo_dagster.defs.resources import SANDBOX_BASE_URL, SANDBOX_TENANT_ID
     from certyo_dagster.settings import CollectionSpec, ConfigError, PipelineSettings
     from certyo_dagster.ship.client import CertyoClient
     from certyo_dagster.ship.errors import CertyoError
     from certyo_dagster.ship.resource import insecure_http_from_env
     from certyo_dagster.source.mongo import open_client, open_database, redact_uri
     from certyo_dagster.verify.export import BundleExporter, ExportError
+    from certyo_dagster.wiring.resources import SANDBOX_BASE_URL, SANDBOX_TENANT_ID
 
     def fail(message: str, status: int = EXIT_USAGE) -> int:
         print(f"certyo-proof export: {message}", file=sys.stderr)

@@ -6,14 +6,22 @@ and a new MongoClient each time would cost a connection handshake each time (pit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 import pymongo
 from bson.codec_options import CodecOptions
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from certyo_dagster.clients import ProcessClients
 
@@ -38,6 +46,66 @@ def redact_uri(uri: str) -> str:
         return uri
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{hosts}"
+
+
+def redact_uri_text(text: str, uri: str) -> str:
+    """`text` without the MongoDB URI's password: the URI is replaced by its redacted form,
+    and the password is masked wherever else it appears."""
+    if not uri:
+        return text
+    if uri in text:
+        text = text.replace(uri, redact_uri(uri))
+    _, sep, rest = uri.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    password = userinfo.partition(":")[2] if sep and at else ""
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+# pymongo's server-selection message ends with the whole topology (every server's state,
+# repeated) and names its configured timeouts in each server's entry; neither helps a reader.
+_DRIVER_NOISE = re.compile(r" \(configured timeouts: [^)]*\)")
+_MAX_MESSAGE = 400
+
+
+def describe_mongo_error(exc: BaseException, uri: str) -> str:
+    """One short, redacted line for a MongoDB failure, the same in a step and a sensor tick:
+    `MongoDB at <uri> failed: <Type>: <what the driver saw>`."""
+    text = str(exc)
+    if isinstance(exc, ServerSelectionTimeoutError):
+        servers, _, rest = text.partition(", Timeout: ")
+        waited = rest.split("s,", 1)[0] if rest else ""
+        text = _DRIVER_NOISE.sub("", servers).replace(",", "; ")
+        if waited:
+            text += f" (no usable server within {waited} s)"
+    else:
+        text = _DRIVER_NOISE.sub("", text)
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 1] + "…"
+    return redact_uri_text(
+        f"MongoDB at {redact_uri(uri)} failed: {type(exc).__name__}: {text}", uri
+    )
+
+
+class MongoUnavailableError(RuntimeError):
+    """A MongoDB failure in a sensor or schedule tick, described by `describe_mongo_error`."""
+
+
+def describe_mongo_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For a sensor or schedule function with a `mongo` resource: a MongoDB failure fails the
+    tick with one short, redacted line (as a step failure reads), not the driver's full text."""
+
+    @functools.wraps(fn)
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PyMongoError as exc:
+            mongo = kwargs.get("mongo")
+            uri = getattr(mongo, "uri", "") or ""
+            raise MongoUnavailableError(describe_mongo_error(exc, uri)) from None
+
+    return evaluate
 
 
 # Legacy data can hold invalid UTF-8. Strict decoding would make the cursor raise and crash

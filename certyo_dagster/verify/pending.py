@@ -30,7 +30,12 @@ from certyo_dagster.prove.hashing import record_hash, record_hash_bytes
 from certyo_dagster.prove.merkle import verify_inclusion
 from certyo_dagster.sanitize.documents import PoisonDocumentError, sanitize_document
 from certyo_dagster.sanitize.records import document_version, record_id_of
-from certyo_dagster.settings import CollectionSpec
+from certyo_dagster.settings import (
+    DEFAULT_VERIFY_CONCURRENCY,
+    DEFAULT_VERIFY_DEADLINE_HOURS,
+    DEFAULT_VERIFY_MAX_DOCUMENTS,
+    CollectionSpec,
+)
 from certyo_dagster.ship.errors import CertyoAuthError, CertyoError, CertyoNotFoundError
 from certyo_dagster.source.mongo import bulk_update, ensure_index
 
@@ -54,10 +59,11 @@ INTEGRITY_REASONS = frozenset(
     {PAYLOAD_CHANGED, PROOF_MISMATCH, INVALID_PROOF, HASH_MISMATCH, NOT_VERIFIED, UNHASHABLE}
 )
 
-DEFAULT_MAX_DOCUMENTS = 10_000
-DEFAULT_MAX_IN_FLIGHT = 8
+# The limits' defaults are owned by settings (CERTYO_VERIFY_* and the component's attributes).
+DEFAULT_MAX_DOCUMENTS = DEFAULT_VERIFY_MAX_DOCUMENTS
+DEFAULT_MAX_IN_FLIGHT = DEFAULT_VERIFY_CONCURRENCY
 DEFAULT_PAGE_SIZE = 500
-DEFAULT_DEADLINE = timedelta(hours=24)
+DEFAULT_DEADLINE = timedelta(hours=DEFAULT_VERIFY_DEADLINE_HOURS)
 DEFAULT_MAX_ERRORS = 100
 
 _STATUS_ID_INDEX = [("certyo_status", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)]

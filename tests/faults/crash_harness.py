@@ -23,11 +23,11 @@ from datetime import datetime
 
 import dagster as dg
 
-from certyo_dagster.defs import build_definitions
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship import ingest
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.wiring import build_definitions
 
 POINTS = ("after_post", "after_write_back", "mid_partition")
 RUN_CONFIG = {"batch_size": 13, "max_in_flight": 2, "max_payload_bytes": 20_000}
@@ -80,8 +80,11 @@ def main(argv: list[str]) -> int:
 
         ingest.WindowIngestor.run = run_then_die
     settings = PipelineSettings(
-        collections=[CollectionSpec(database, "products")],
-        partition_start=datetime.fromisoformat(partition_start),
+        collections=[
+            CollectionSpec(
+                database, "products", partition_start=datetime.fromisoformat(partition_start)
+            )
+        ],
     )
     resources = {
         "mongo": MongoResource(uri=mongo_uri, database=database),

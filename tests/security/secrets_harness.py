@@ -11,16 +11,16 @@ from datetime import datetime
 
 import dagster as dg
 
-from certyo_dagster.defs import build_definitions
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.wiring import build_definitions
 
 START = datetime.fromisoformat("2026-11-01T00:00:00+00:00")
 DATABASE = os.environ["MONGO_DATABASE"]
 
 defs = build_definitions(
-    PipelineSettings(collections=[CollectionSpec(DATABASE, "products")], partition_start=START),
+    PipelineSettings(collections=[CollectionSpec(DATABASE, "products", partition_start=START)]),
     resources={
         "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database=DATABASE),
         "certyo": CertyoResource(

@@ -10,10 +10,10 @@ import pytest
 from bson import ObjectId
 from fixtures.pipeline import hour, make_pipeline, pk
 
-from certyo_dagster.defs.proofs import proof_keys
 from certyo_dagster.proof_cli import run_verify
 from certyo_dagster.sanitize.documents import version_ms
 from certyo_dagster.verify.reconcile import compare_hour
+from certyo_dagster.wiring.proofs import proof_keys
 
 
 @pytest.fixture

@@ -28,19 +28,20 @@ def build_ingest_schedule(
 ) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"ingest_{spec.collection}_hourly",
-        cron_schedule=f"{settings.schedule_minute} * * * *",
+        cron_schedule=f"{spec.schedule_minute} * * * *",
         execution_timezone="UTC",
         job=job,
         default_status=default_status(settings),
-        description=f"At minute {settings.schedule_minute} of every hour, ingest the previous "
+        description=f"At minute {spec.schedule_minute} of every hour, ingest the previous "
         "hour: a safety net for changes the sensor missed (it only re-reads the lookback).",
     )
     def ingest_hourly(context: dg.ScheduleEvaluationContext):
         previous_hour = utc_aware(context.scheduled_execution_time) - timedelta(hours=1)
-        if previous_hour < settings.partition_start:
+        if previous_hour < spec.partition_start:
             return dg.SkipReason(
-                f"the previous hour starts before CERTYO_PARTITION_START "
-                f"({settings.partition_start:%Y-%m-%d %H:%M} UTC)"
+                f"the previous hour starts before the partition start "
+                f"({spec.partition_start:%Y-%m-%d %H:%M} UTC, set by CERTYO_PARTITION_START "
+                "or the component's partition_start)"
             )
         key = partition_key_for(previous_hour)
         return dg.RunRequest(

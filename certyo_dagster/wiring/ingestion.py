@@ -20,15 +20,15 @@ from certyo_dagster.capture.polling import (
     count_untimestamped,
     ensure_indexes,
 )
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import build_ingest_schedule
-from certyo_dagster.defs.sensors import build_change_sensor
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIngestor
 from certyo_dagster.ship.resource import CertyoResource
-from certyo_dagster.source.mongo import MongoResource, redact_uri
+from certyo_dagster.source.mongo import MongoResource, describe_mongo_error, redact_uri_text
+from certyo_dagster.wiring.partitions import hourly_partitions
+from certyo_dagster.wiring.schedules import build_ingest_schedule
+from certyo_dagster.wiring.sensors import build_change_sensor
 
 CERTYO_POOL = "certyo"
 
@@ -68,7 +68,7 @@ def asset_keys(spec: CollectionSpec) -> dict[str, dg.AssetKey]:
 def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     keys = asset_keys(spec)
     group = spec.collection
-    partitions = hourly_partitions(settings)
+    partitions = hourly_partitions(spec)
     source = dg.AssetSpec(
         keys["source"],
         description=f"The MongoDB collection {spec.database}.{spec.collection}, versioned by "
@@ -167,10 +167,7 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
         except CertyoError as exc:
             raise dg.Failure(description=f"Certyo request failed: {exc}") from None
         except PyMongoError as exc:
-            raise dg.Failure(
-                description=f"MongoDB at {mongo.display_uri} failed: "
-                f"{type(exc).__name__}: {redact_uri_text(str(exc), mongo.uri)}"
-            ) from None
+            raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
 
         window_meta = {
             "window_start": iso_utc(window.start),
@@ -274,10 +271,3 @@ def _preview_markdown(report: IngestReport) -> str:
     if not report.preview:
         return "_No records were sent in this run._"
     return pd.DataFrame(report.preview).to_markdown(index=False)
-
-
-def redact_uri_text(text: str, uri: str) -> str:
-    """Remove the MongoDB URI (and its password) from a driver message, if it appears."""
-    if uri and uri in text:
-        text = text.replace(uri, redact_uri(uri))
-    return text

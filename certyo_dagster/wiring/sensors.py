@@ -12,13 +12,13 @@ from certyo_dagster.capture.cursors import (
     read_cursor_mirror,
     write_cursor_mirror,
 )
-from certyo_dagster.capture.polling import scan_changes
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES
+from certyo_dagster.capture.polling import partition_key_for, scan_changes
 from certyo_dagster.sanitize.documents import version_ms
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.ingest import is_acknowledged
-from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.source.mongo import MongoResource, describe_mongo_errors
+from certyo_dagster.wiring.partitions import hourly_partitions
+from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
 
 MAX_DOCUMENTS_PER_TICK = 20_000
 
@@ -66,27 +66,55 @@ def retry_generation(instance: dg.DagsterInstance, job_name: str, partition_key:
     return sum(1 for r in records if r.end_time is not None and r.end_time < cutoff)
 
 
+def open_hour_on_hold(
+    instance: dg.DagsterInstance, job_name: str, spec: CollectionSpec, now: datetime
+) -> set[str]:
+    """The hour in progress, while its newest run is younger than the open-hour interval.
+
+    Every change in the open hour is a new version, so without a pause a busy collection would
+    get a run per tick for it. Holding it back loses nothing: the sensor's position never moves
+    past an unacknowledged version, so a later tick (or the closed hour) requests it. The first
+    change after a quiet spell is requested at once.
+    """
+    interval = timedelta(minutes=spec.open_hour_interval_minutes)
+    if not interval:
+        return set()
+    open_hour = partition_key_for(now)
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(job_name=job_name, tags={"dagster/partition": open_hour}),
+        limit=1,
+    )
+    if (
+        records
+        and now.timestamp() - records[0].create_timestamp.timestamp() < interval.total_seconds()
+    ):
+        return {open_hour}
+    return set()
+
+
 def build_change_sensor(
     spec: CollectionSpec,
     settings: PipelineSettings,
     job: Any,
     max_documents_per_tick: int = MAX_DOCUMENTS_PER_TICK,
 ) -> dg.SensorDefinition:
-    lookback = timedelta(minutes=settings.lookback_minutes)
-    partitions = hourly_partitions(settings)
+    lookback = timedelta(minutes=spec.lookback_minutes)
+    partitions = hourly_partitions(spec)
 
     @dg.sensor(
         name=f"{spec.collection}_change_sensor",
         job=job,
-        minimum_interval_seconds=settings.sensor_interval_seconds,
+        minimum_interval_seconds=spec.sensor_interval_seconds,
         default_status=(
             dg.DefaultSensorStatus.RUNNING if settings.demo_mode else dg.DefaultSensorStatus.STOPPED
         ),
-        description=f"Every {settings.sensor_interval_seconds}s, find versions of "
+        description=f"Every {spec.sensor_interval_seconds}s, find versions of "
         f"{spec.database}.{spec.collection} not yet acknowledged by Certyo (re-reading "
-        f"{settings.lookback_minutes} min of lookback) and request one run per affected hour. "
+        f"{spec.lookback_minutes} min of lookback) and request one run per affected hour. "
+        f"The hour in progress is requested at most every {spec.open_hour_interval_minutes} min. "
         "The cursor is (lastSyncAt, lastId), mirrored in _certyo_cursors.",
     )
+    @describe_mongo_errors
     def change_sensor(context: dg.SensorEvaluationContext, mongo: MongoResource):
         database = mongo.get_database()
         mirror = read_cursor_mirror(database, spec)
@@ -106,7 +134,7 @@ def build_change_sensor(
             spec,
             position,
             lookback=lookback,
-            earliest=settings.partition_start,
+            earliest=spec.partition_start,
             latest=latest,
             max_documents=max_documents_per_tick,
             is_handled=handled,
@@ -115,6 +143,8 @@ def build_change_sensor(
         if scan.position is not None:
             write_cursor_mirror(database, spec, scan.position)
         busy = partitions_with_active_runs(context.instance, job.name, partitions)
+        held = open_hour_on_hold(context.instance, job.name, spec, now) - busy
+        busy |= held
         deferred = sorted(pk for pk in scan.partitions if pk in busy)
         run_requests = [
             dg.RunRequest(
@@ -131,8 +161,7 @@ def build_change_sensor(
         if not run_requests:
             since = scan.position.ts.isoformat() if scan.position else "the partition start"
             reason = (
-                f"unacknowledged versions only in hours with a run in progress: "
-                f"{', '.join(deferred)}; the next tick after those runs checks again"
+                _deferred_reason(deferred, held, spec.open_hour_interval_minutes)
                 if deferred
                 else f"no unacknowledged versions since {since} UTC "
                 f"({scan.scanned} versions re-read in the lookback)"
@@ -146,3 +175,16 @@ def build_change_sensor(
         return dg.SensorResult(run_requests=run_requests, cursor=cursor)
 
     return change_sensor
+
+
+def _deferred_reason(deferred: list[str], held: set[str], interval_minutes: int) -> str:
+    running = [pk for pk in deferred if pk not in held]
+    parts = []
+    if running:
+        parts.append(f"hours with a run in progress: {', '.join(running)}")
+    if held & set(deferred):
+        parts.append(
+            f"the hour in progress, {', '.join(sorted(held))}, requested at most every "
+            f"{interval_minutes} min"
+        )
+    return f"unacknowledged versions only in {'; and in '.join(parts)}; a later tick requests them"

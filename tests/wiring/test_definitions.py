@@ -64,7 +64,7 @@ def test_bad_settings_name_the_variable(env, message):
 
 def test_partition_start_is_a_utc_hour():
     settings = PipelineSettings.from_env({"CERTYO_PARTITION_START": "2026-03-01T05:00+02:00"})
-    assert settings.partition_start == datetime(2026, 3, 1, 3, tzinfo=timezone.utc)
+    assert settings.collections[0].partition_start == datetime(2026, 3, 1, 3, tzinfo=timezone.utc)
 
 
 def test_every_step_that_calls_certyo_is_in_the_certyo_pool_limited_by_dagster_yaml(tmp_path):
@@ -72,7 +72,7 @@ def test_every_step_that_calls_certyo_is_in_the_certyo_pool_limited_by_dagster_y
 
     import dagster as dg
 
-    from certyo_dagster.defs import build_definitions
+    from certyo_dagster.wiring import build_definitions
 
     defs = build_definitions(PipelineSettings.from_env({}))
     pools = {
@@ -91,6 +91,6 @@ def test_every_step_that_calls_certyo_is_in_the_certyo_pool_limited_by_dagster_y
 
 
 def test_the_default_partition_start_is_fixed_not_moving_with_the_clock():
-    first = PipelineSettings.from_env({}).partition_start
+    first = PipelineSettings.from_env({}).collections[0].partition_start
     assert first == datetime(2026, 1, 1, tzinfo=timezone.utc)
-    assert PipelineSettings.from_env({}).partition_start == first
+    assert PipelineSettings.from_env({}).collections[0].partition_start == first

@@ -14,12 +14,21 @@ from pydantic import Field
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.polling import ensure_indexes
-from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
-from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
 from certyo_dagster.sanitize.documents import iso_utc
-from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.settings import (
+    DEFAULT_VERIFY_CONCURRENCY,
+    DEFAULT_VERIFY_DEADLINE_HOURS,
+    DEFAULT_VERIFY_MAX_DOCUMENTS,
+    CollectionSpec,
+    PipelineSettings,
+)
 from certyo_dagster.ship.resource import CertyoResource
-from certyo_dagster.source.mongo import MongoResource
+from certyo_dagster.source.mongo import (
+    MongoResource,
+    describe_mongo_error,
+    describe_mongo_errors,
+    redact_uri_text,
+)
 from certyo_dagster.verify.audit import TamperReport, run_tamper_audit
 from certyo_dagster.verify.pending import (
     DEFAULT_MAX_ERRORS,
@@ -35,19 +44,26 @@ from certyo_dagster.verify.pending import (
     latency_percentiles,
     oldest_pending_age,
 )
+from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys
+from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES, default_status
 
 
 class VerifyConfig(dg.Config):
     """Run config of `verify_<c>`; the job's defaults come from CERTYO_VERIFY_* settings."""
 
     max_documents: int = Field(
-        default=10_000, ge=1, description="Pending documents verified at most in one run."
+        default=DEFAULT_VERIFY_MAX_DOCUMENTS,
+        ge=1,
+        description="Pending documents verified at most in one run.",
     )
     max_in_flight: int = Field(
-        default=8, ge=1, le=64, description="Verify calls to Certyo in flight at once."
+        default=DEFAULT_VERIFY_CONCURRENCY,
+        ge=1,
+        le=64,
+        description="Verify calls to Certyo in flight at once.",
     )
     deadline_hours: float = Field(
-        default=24.0,
+        default=float(DEFAULT_VERIFY_DEADLINE_HOURS),
         gt=0,
         description="A version not anchored on chain this long after ingestion becomes failed.",
     )
@@ -144,10 +160,7 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
             now = datetime.now(timezone.utc)
             summary = anchoring_summary(collection)
         except PyMongoError as exc:
-            raise dg.Failure(
-                description=f"MongoDB at {mongo.display_uri} failed: "
-                f"{type(exc).__name__}: {redact_uri_text(str(exc), mongo.uri)}"
-            ) from None
+            raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
 
         yield dg.MaterializeResult(metadata=status_metadata(summary, report, now, deadline))
         yield failed_documents_check(summary)
@@ -189,10 +202,7 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
                 log=context.log.info,
             )
         except PyMongoError as exc:
-            raise dg.Failure(
-                description=f"MongoDB at {mongo.display_uri} failed: "
-                f"{type(exc).__name__}: {redact_uri_text(str(exc), mongo.uri)}"
-            ) from None
+            raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
         if report.mismatches:
             context.log.error(
                 f"{report.mismatches} anchored documents of {spec.database}.{spec.collection} "
@@ -211,9 +221,9 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
             "ops": {
                 keys["anchoring_status"].to_python_identifier(): {
                     "config": {
-                        "max_documents": settings.verify_max_documents,
-                        "max_in_flight": settings.verify_max_in_flight,
-                        "deadline_hours": float(settings.verify_deadline_hours),
+                        "max_documents": spec.verify_max_documents,
+                        "max_in_flight": spec.verify_max_in_flight,
+                        "deadline_hours": float(spec.verify_deadline_hours),
                     }
                 }
             }
@@ -232,11 +242,11 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
             build_verify_schedule(spec, settings, verify_job),
             dg.ScheduleDefinition(
                 name=f"tamper_audit_{spec.collection}_schedule",
-                cron_schedule=settings.tamper_audit_cron,
+                cron_schedule=spec.tamper_audit_cron,
                 execution_timezone="UTC",
                 job=audit_job,
                 default_status=default_status(settings),
-                description=f"Daily ({settings.tamper_audit_cron} UTC): re-hash every anchored "
+                description=f"Daily ({spec.tamper_audit_cron} UTC): re-hash every anchored "
                 "document and compare it with the anchored hash.",
             ),
         ],
@@ -250,13 +260,14 @@ def build_verify_schedule(
 
     @dg.schedule(
         name=f"verify_{spec.collection}_schedule",
-        cron_schedule=settings.verify_cron,
+        cron_schedule=spec.verify_cron,
         execution_timezone="UTC",
         job=job,
         default_status=default_status(settings),
-        description=f"On `{settings.verify_cron}` (UTC), verify pending versions, unless none "
+        description=f"On `{spec.verify_cron}` (UTC), verify pending versions, unless none "
         "is pending or the previous verify run is still going.",
     )
+    @describe_mongo_errors
     def verify_schedule(context: dg.ScheduleEvaluationContext, mongo: MongoResource):
         running = context.instance.get_run_records(
             dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1

@@ -16,10 +16,6 @@ import dagster as dg
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
-from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
-from certyo_dagster.defs.partitions import hourly_partitions
-from certyo_dagster.defs.schedules import default_status
-from certyo_dagster.defs.verification import verification_keys
 from certyo_dagster.sanitize.documents import iso_utc, version_ms
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
@@ -33,6 +29,10 @@ from certyo_dagster.verify.reconcile import (
     held_versions,
     latest_versions,
 )
+from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
+from certyo_dagster.wiring.partitions import hourly_partitions
+from certyo_dagster.wiring.schedules import default_status
+from certyo_dagster.wiring.verification import verification_keys
 
 PROOF_FOLDER_ENV = "CERTYO_PROOF_BUNDLE_DIR"
 DEFAULT_PROOF_FOLDER = "proof_bundles"
@@ -75,7 +75,7 @@ def previous_watermark(context: dg.AssetExecutionContext, key: dg.AssetKey) -> d
 def build_proof_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     key = proof_keys(spec)["proof_bundles"]
     receipts = asset_keys(spec)["ingestion_receipts"]
-    partitions = hourly_partitions(settings)
+    partitions = hourly_partitions(spec)
 
     @dg.asset(
         key=key,
@@ -206,7 +206,7 @@ def build_proof_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Def
         f"{spec.collection}_proof_bundles_automation",
         target=dg.AssetSelection.assets(key),
         default_status=dg.DefaultSensorStatus(default_status(settings).value),
-        minimum_interval_seconds=settings.sensor_interval_seconds,
+        minimum_interval_seconds=spec.sensor_interval_seconds,
         description=f"Materializes {key.to_user_string()} after each anchoring_status update.",
     )
     return dg.Definitions(

@@ -238,7 +238,7 @@ def test_an_hour_with_a_run_in_progress_is_not_requested_again(pipeline):
 
 
 def test_an_hour_whose_run_failed_is_requested_again_after_a_pause(pipeline, monkeypatch):
-    import certyo_dagster.defs.sensors as sensors
+    import certyo_dagster.wiring.sensors as sensors
 
     pipeline.db["products"].insert_one(_doc(hour(12, 1)))
     first = pipeline.tick()

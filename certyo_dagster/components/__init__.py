@@ -1,0 +1,1 @@
+"""Dagster Components: collections declared in YAML under the `defs/` folder."""
