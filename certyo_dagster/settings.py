@@ -16,6 +16,9 @@ DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
 DEFAULT_TIMESTAMP_FIELD = "updatedAt"
 DEFAULT_LOOKBACK_MINUTES = 5
+DEFAULT_VERIFY_MAX_DOCUMENTS = 10_000
+DEFAULT_VERIFY_MAX_IN_FLIGHT = 8
+DEFAULT_VERIFY_DEADLINE_HOURS = 24
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -121,9 +124,9 @@ class PipelineSettings:
     sensor_interval_seconds: int = 30
     verify_cron: str = "*/2 * * * *"
     tamper_audit_cron: str = "30 3 * * *"
-    verify_max_documents: int = 10_000
-    verify_max_in_flight: int = 8
-    verify_deadline_hours: int = 24
+    verify_max_documents: int = DEFAULT_VERIFY_MAX_DOCUMENTS
+    verify_max_in_flight: int = DEFAULT_VERIFY_MAX_IN_FLIGHT
+    verify_deadline_hours: int = DEFAULT_VERIFY_DEADLINE_HOURS
     demo_mode: bool = False
 
     @classmethod
@@ -146,8 +149,14 @@ class PipelineSettings:
             sensor_interval_seconds=_int(env, "CERTYO_SENSOR_INTERVAL_SECONDS", 30, minimum=5),
             verify_cron=env.get("CERTYO_VERIFY_CRON", "").strip() or "*/2 * * * *",
             tamper_audit_cron=env.get("CERTYO_TAMPER_AUDIT_CRON", "").strip() or "30 3 * * *",
-            verify_max_documents=_int(env, "CERTYO_VERIFY_MAX_DOCUMENTS", 10_000, minimum=1),
-            verify_max_in_flight=_int(env, "CERTYO_VERIFY_CONCURRENCY", 8, minimum=1),
-            verify_deadline_hours=_int(env, "CERTYO_VERIFY_DEADLINE_HOURS", 24, minimum=1),
+            verify_max_documents=_int(
+                env, "CERTYO_VERIFY_MAX_DOCUMENTS", DEFAULT_VERIFY_MAX_DOCUMENTS, minimum=1
+            ),
+            verify_max_in_flight=_int(
+                env, "CERTYO_VERIFY_CONCURRENCY", DEFAULT_VERIFY_MAX_IN_FLIGHT, minimum=1
+            ),
+            verify_deadline_hours=_int(
+                env, "CERTYO_VERIFY_DEADLINE_HOURS", DEFAULT_VERIFY_DEADLINE_HOURS, minimum=1
+            ),
             demo_mode=env.get("CERTYO_DEMO_MODE", "").strip().lower() in {"1", "true", "yes"},
         )

@@ -15,14 +15,11 @@ from pydantic import Field
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.cursors import read_cursor_mirror
-from certyo_dagster.capture.polling import (
-    DEAD_LETTERS_COLLECTION,
-    count_untimestamped,
-    ensure_indexes,
-)
+from certyo_dagster.capture.polling import count_untimestamped, ensure_indexes
 from certyo_dagster.defs.partitions import hourly_partitions
 from certyo_dagster.defs.schedules import build_ingest_schedule
 from certyo_dagster.defs.sensors import build_change_sensor
+from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError

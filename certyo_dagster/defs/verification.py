@@ -16,8 +16,15 @@ from pymongo.errors import PyMongoError
 from certyo_dagster.capture.polling import ensure_indexes
 from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
 from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
+from certyo_dagster.fields import PENDING, STATUS
 from certyo_dagster.sanitize.documents import iso_utc
-from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.settings import (
+    DEFAULT_VERIFY_DEADLINE_HOURS,
+    DEFAULT_VERIFY_MAX_DOCUMENTS,
+    DEFAULT_VERIFY_MAX_IN_FLIGHT,
+    CollectionSpec,
+    PipelineSettings,
+)
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
 from certyo_dagster.verify.audit import TamperReport, run_tamper_audit
@@ -25,7 +32,6 @@ from certyo_dagster.verify.pending import (
     DEFAULT_MAX_ERRORS,
     DEFAULT_PAGE_SIZE,
     INTEGRITY_REASONS,
-    PENDING,
     AnchoringSummary,
     PendingVerifier,
     VerifyAbortedError,
@@ -41,13 +47,18 @@ class VerifyConfig(dg.Config):
     """Run config of `verify_<c>`; the job's defaults come from CERTYO_VERIFY_* settings."""
 
     max_documents: int = Field(
-        default=10_000, ge=1, description="Pending documents verified at most in one run."
+        default=DEFAULT_VERIFY_MAX_DOCUMENTS,
+        ge=1,
+        description="Pending documents verified at most in one run.",
     )
     max_in_flight: int = Field(
-        default=8, ge=1, le=64, description="Verify calls to Certyo in flight at once."
+        default=DEFAULT_VERIFY_MAX_IN_FLIGHT,
+        ge=1,
+        le=64,
+        description="Verify calls to Certyo in flight at once.",
     )
     deadline_hours: float = Field(
-        default=24.0,
+        default=float(DEFAULT_VERIFY_DEADLINE_HOURS),
         gt=0,
         description="A version not anchored on chain this long after ingestion becomes failed.",
     )
@@ -264,7 +275,7 @@ def build_verify_schedule(
         if running:
             return dg.SkipReason(f"{job_name} run {running[0].dagster_run.run_id} is in progress")
         collection = mongo.get_collection(spec.collection)
-        if collection.find_one({"certyo_status": PENDING}, {"_id": 1}) is None:
+        if collection.find_one({STATUS: PENDING}, {"_id": 1}) is None:
             return dg.SkipReason(f"no pending documents in {spec.database}.{spec.collection}")
         when = context.scheduled_execution_time
         stamp = when.isoformat() if when else datetime.now(timezone.utc).isoformat()

@@ -21,11 +21,19 @@ import orjson
 from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
-from certyo_dagster.capture.polling import (
+from certyo_dagster.capture.polling import VersionKey, iter_window_batches, timestamp_of
+from certyo_dagster.fields import (
+    ANCHORED,
     DEAD_LETTERS_COLLECTION,
-    VersionKey,
-    iter_window_batches,
-    timestamp_of,
+    FAILURE_REASON,
+    INGESTED_AT,
+    PENDING,
+    RECORD_HASH,
+    REJECTED,
+    STATUS,
+    STATUSES,
+    VERIFICATION_FIELDS,
+    VERSION,
 )
 from certyo_dagster.sanitize.documents import PoisonDocumentError, iso_utc, version_ms
 from certyo_dagster.sanitize.records import (
@@ -41,24 +49,13 @@ from certyo_dagster.source.mongo import bulk_update, upsert_with_retry
 # Statuses that mean "this version was handled": shipped and accepted, anchored, rejected
 # into the dead-letter queue, or failed verification. A plain re-run skips them; `force`
 # re-sends them (Certyo answers with idempotent replays).
-HANDLED_STATUSES = frozenset({"pending", "anchored", "rejected", "failed"})
+HANDLED_STATUSES = frozenset(STATUSES)
 SINGLE_ENDPOINT_MAX = 10
 BULK_MAX_RECORDS = 1000
 PREVIEW_ROWS = 10
-# Fields the verify job adds; a newly ingested version must not inherit them.
-VERIFICATION_FIELDS = (
-    "certyo_verified_at",
-    "certyo_tx_hash",
-    "certyo_merkle_root",
-    "certyo_block_number",
-    "certyo_ipfs_cid",
-    "certyo_failure_reason",
-)
 _UNSET_VERIFICATION = {f: "" for f in VERIFICATION_FIELDS}
 _UNSET_FOR_REJECTED = {
-    f: ""
-    for f in VERIFICATION_FIELDS + ("certyo_record_hash", "certyo_ingested_at")
-    if f != "certyo_failure_reason"
+    f: "" for f in VERIFICATION_FIELDS + (RECORD_HASH, INGESTED_AT) if f != FAILURE_REASON
 }
 
 
@@ -113,11 +110,11 @@ def is_acknowledged(
     this project took over: versions before it that carry none of our fields were shipped by
     that predecessor and are not sent again.
     """
-    if doc.get("certyo_version") == version and doc.get("certyo_status") in HANDLED_STATUSES:
+    if doc.get(VERSION) == version and doc.get(STATUS) in HANDLED_STATUSES:
         return True
     return (
         handoff_before is not None
-        and "certyo_version" not in doc
+        and VERSION not in doc
         and isinstance(ts, datetime)
         and ts < handoff_before
     )
@@ -286,7 +283,7 @@ class WindowIngestor:
                 if (
                     check_acknowledged
                     # is_acknowledged is False without either of these; skip the call then.
-                    and ("certyo_version" in doc or handoff_before is not None)
+                    and (VERSION in doc or handoff_before is not None)
                     and is_acknowledged(doc, version, ts, handoff_before)
                 ):
                     report.skipped_acknowledged += 1
@@ -427,14 +424,14 @@ class WindowIngestor:
                             "replayed": bool(was_replayed),
                         }
                     )
-                status = doc.get("certyo_status")
+                status = doc.get(STATUS)
                 if (
-                    status == "anchored"
-                    and doc.get("certyo_version") == version
-                    and doc.get("certyo_record_hash") == record_hash
+                    status == ANCHORED
+                    and doc.get(VERSION) == version
+                    and doc.get(RECORD_HASH) == record_hash
                 ):
                     continue  # a forced replay of an anchored version changes nothing
-                if status == "rejected" or self._open_letters:
+                if status == REJECTED or self._open_letters:
                     resolved_ids.append(doc["_id"])
                 updates.append(
                     UpdateOne(
@@ -443,10 +440,10 @@ class WindowIngestor:
                         {"_id": doc["_id"], ts_field: ts},
                         {
                             "$set": {
-                                "certyo_status": "pending",
-                                "certyo_record_hash": record_hash,
-                                "certyo_version": version,
-                                "certyo_ingested_at": now,
+                                STATUS: PENDING,
+                                RECORD_HASH: record_hash,
+                                VERSION: version,
+                                INGESTED_AT: now,
                             },
                             "$unset": _UNSET_VERIFICATION,
                         },
@@ -517,9 +514,9 @@ class WindowIngestor:
                 {"_id": doc["_id"], self.spec.timestamp_field: ts},
                 {
                     "$set": {
-                        "certyo_status": "rejected",
-                        "certyo_version": version,
-                        "certyo_failure_reason": f"{reason}: {message[:300]}",
+                        STATUS: REJECTED,
+                        VERSION: version,
+                        FAILURE_REASON: f"{reason}: {message[:300]}",
                     },
                     # The previous version's hash and proof do not describe this one.
                     "$unset": _UNSET_FOR_REJECTED,
