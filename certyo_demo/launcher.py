@@ -29,11 +29,10 @@ import requests
 
 from certyo_dagster.source.mongo import redact_uri
 from certyo_demo.servers import free_port, signal_group
+from certyo_sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR_NAME = ".certyo_run"
-SANDBOX_API_KEY = "cty_sandbox_dev_key"  # the sandbox's public development key, not a secret
-SANDBOX_TENANT = "sandbox-tenant"
 DEMO_HOURS = 4
 SANDBOX_FLUSH_SECONDS = 10
 SANDBOX_FLUSH_RECORDS = 500
@@ -216,6 +215,9 @@ def start_stack(
     with_sandbox = not env.get("CERTYO_BASE_URL", "").strip()
     if not with_sandbox and not env.get("CERTYO_API_KEY", "").strip():
         raise LaunchError("CERTYO_BASE_URL is set but CERTYO_API_KEY is not: set both")
+    if not with_sandbox and not env.get("CERTYO_TENANT_ID", "").strip():
+        # The product has no default tenant: say so now rather than in the first run.
+        raise LaunchError("CERTYO_BASE_URL is set but CERTYO_TENANT_ID is not: set both")
     if not embedded and with_sandbox:
         # The sandbox's fake anchoring would label real documents `anchored` for good.
         raise LaunchError(
@@ -238,8 +240,8 @@ def start_stack(
             stack.sandbox_url = f"http://127.0.0.1:{port}"
             env.update(
                 CERTYO_BASE_URL=stack.sandbox_url,
-                CERTYO_API_KEY=SANDBOX_API_KEY,
-                CERTYO_TENANT_ID=SANDBOX_TENANT,
+                CERTYO_API_KEY=DEFAULT_API_KEY,  # the sandbox's public development key
+                CERTYO_TENANT_ID=DEFAULT_TENANT,
             )
             env.pop("CERTYO_SANDBOX_API_KEYS", None)  # the sandbox then accepts the dev key
             stack.processes["sandbox"] = _spawn(

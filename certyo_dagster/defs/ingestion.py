@@ -22,7 +22,7 @@ from certyo_dagster.defs.sensors import build_change_sensor
 from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.sanitize.records import DEFAULT_MAX_PAYLOAD_BYTES, CertyoRecordEncoder
-from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.settings import CollectionSpec, ConfigError, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIngestor
 from certyo_dagster.ship.resource import CertyoResource
@@ -173,6 +173,8 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
             ) from None
         except CertyoError as exc:
             raise dg.Failure(description=f"Certyo request failed: {exc}") from None
+        except ConfigError as exc:
+            raise dg.Failure(description=str(exc)) from None
         except PyMongoError as exc:
             raise dg.Failure(
                 description=f"MongoDB at {mongo.display_uri} failed: "

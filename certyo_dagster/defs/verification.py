@@ -23,6 +23,7 @@ from certyo_dagster.settings import (
     DEFAULT_VERIFY_MAX_DOCUMENTS,
     DEFAULT_VERIFY_MAX_IN_FLIGHT,
     CollectionSpec,
+    ConfigError,
     PipelineSettings,
 )
 from certyo_dagster.ship.resource import CertyoResource
@@ -154,6 +155,8 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
                 failure = redact_uri_text(str(exc), mongo.uri)
             now = datetime.now(timezone.utc)
             summary = anchoring_summary(collection)
+        except ConfigError as exc:
+            raise dg.Failure(description=str(exc)) from None
         except PyMongoError as exc:
             raise dg.Failure(
                 description=f"MongoDB at {mongo.display_uri} failed: "

@@ -108,6 +108,17 @@ def test_base_url_without_api_key_is_refused(tmp_path: Path) -> None:
         start_stack(tmp_path / "run", dagster_port=free_port(), environ=environ)
 
 
+def test_base_url_without_tenant_is_refused(tmp_path: Path) -> None:
+    """The product has no default tenant; the launcher says so before starting anything."""
+    environ = {
+        **_base_env(),
+        "CERTYO_BASE_URL": "https://api.certyo.example",
+        "CERTYO_API_KEY": "cty_live_abc",
+    }
+    with pytest.raises(LaunchError, match="CERTYO_TENANT_ID is not: set both"):
+        start_stack(tmp_path / "run", dagster_port=free_port(), environ=environ)
+
+
 def test_a_real_mongo_uri_without_a_certyo_endpoint_is_refused(tmp_path: Path) -> None:
     """The sandbox's fake anchoring must never write `anchored` into a real collection."""
     environ = {**_base_env(), "MONGO_URI": "mongodb://db.example:27017/"}
