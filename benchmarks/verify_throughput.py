@@ -55,7 +55,7 @@ def pending_collection(client: CertyoClient, name: str, count: int):
     docs = [source.document(i) for i in range(count)]
     encoder = CertyoRecordEncoder(spec, TENANT)
     shipped = Shipper(client, TENANT).ship((encoder.encode(d), d) for d in docs)
-    results = [s.receipt for batch in shipped for s in batch.records]
+    results = [receipt for batch in shipped for receipt in batch.receipts]
     now = datetime.utcnow()
     for doc, result in zip(docs, results, strict=True):
         doc.update(

@@ -162,6 +162,7 @@ class WindowIngestor:
                 landed = self._write_back(batch, report)
                 if landed and self._failure is None and batch.checkpoint is not None:
                     report.acknowledged_through = batch.checkpoint
+                del batch  # not held while the next batch is read and shipped
         except ShippingFailedError as exc:
             self._failed(exc.cause)
             for batch in exc.later_batches:
