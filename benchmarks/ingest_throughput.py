@@ -9,8 +9,8 @@ from idempotent replays:
 - baseline: the reference poller's algorithm (top-level ObjectId/datetime mapping, stdlib
   json, `requests.post` without a session, one request at a time, 1000 records per call)
   without its 30 s sleep and 5000-document cap, so its best case.
-- certyo_dagster: `WindowIngestor` with the real `CertyoClient` (extract → sanitize → map →
-  encode → up to `--in-flight` bulk posts → in-order write-back).
+- certyo_dagster: `WindowIngestor` and `Shipper` with the real `CertyoClient` (extract →
+  sanitize → map → encode → up to `--in-flight` bulk posts → in-order write-back).
 
 The phase order rotates between repeats, because the sandbox's database grows during a run.
 `--latency-ms N` holds every bulk response N ms after the sandbox answered it, for the round
@@ -50,9 +50,10 @@ from _common import (
 )
 from bson import Int64, ObjectId
 
-from certyo_dagster.sanitize.records import to_certyo_record
+from certyo_dagster.sanitize.records import CertyoRecordEncoder, to_certyo_record
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.ingest import WindowIngestor
+from certyo_dagster.ship.shipping import Shipper
 
 BULK = 1000
 BULK_PATH = "/api/v1/records/bulk"
@@ -188,11 +189,9 @@ def run_certyo_dagster(
     with CertyoClient(base_url, API_KEY, TENANT, pool_maxsize=in_flight) as client:
         report = WindowIngestor(
             database=database,
-            spec=spec_for(name),
-            client=client,
-            tenant_id=TENANT,
+            encoder=CertyoRecordEncoder(spec_for(name), TENANT),
+            shipper=Shipper(client, TENANT, max_in_flight=in_flight),
             run_id="benchmark",
-            max_in_flight=in_flight,
         ).run(WINDOW_START, WINDOW_END)
     log = collection.log
     if report.accepted != collection.source.count or log.updates != report.accepted:

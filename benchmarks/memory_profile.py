@@ -33,8 +33,10 @@ from _common import (
     write_result,
 )
 
+from certyo_dagster.sanitize.records import CertyoRecordEncoder
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.ingest import WindowIngestor
+from certyo_dagster.ship.shipping import Shipper
 
 MARKS = (0.1, 0.5, 1.0)
 TARGET_PEAK_MB = 300
@@ -77,12 +79,10 @@ def one_run(source: CatalogSource, run: int, in_flight: int) -> dict[str, Any]:
         with CertyoClient(sandbox.base_url, API_KEY, TENANT, pool_maxsize=in_flight) as client:
             report = WindowIngestor(
                 database=GeneratedDatabase({name: collection}),
-                spec=spec_for(name),
-                client=client,
-                tenant_id=TENANT,
+                encoder=CertyoRecordEncoder(spec_for(name), TENANT),
+                shipper=Shipper(client, TENANT, max_in_flight=in_flight),
                 run_id="memory-profile",
                 partition_key="2026-04-01-00:00",
-                max_in_flight=in_flight,
             ).run(WINDOW_START, WINDOW_END)
         elapsed = time.perf_counter() - began
         stop.set()

@@ -40,8 +40,9 @@ from _common import (  # noqa: E402
 )
 
 from certyo_dagster.sanitize.documents import version_ms  # noqa: E402
-from certyo_dagster.sanitize.records import to_certyo_record
+from certyo_dagster.sanitize.records import CertyoRecordEncoder  # noqa: E402
 from certyo_dagster.ship.client import CertyoClient  # noqa: E402
+from certyo_dagster.ship.shipping import Shipper  # noqa: E402
 from certyo_dagster.verify.pending import PendingVerifier  # noqa: E402
 
 PHASES = {"sequential (reference worker)": 1, "certyo_dagster (8 in flight)": 8}
@@ -52,7 +53,9 @@ def pending_collection(client: CertyoClient, name: str, count: int):
     spec = spec_for(name)
     source = CatalogSource(count)
     docs = [source.document(i) for i in range(count)]
-    results = client.ingest_bulk([to_certyo_record(d, spec, TENANT) for d in docs])
+    encoder = CertyoRecordEncoder(spec, TENANT)
+    shipped = Shipper(client, TENANT).ship((encoder.encode(d), d) for d in docs)
+    results = [receipt for batch in shipped for receipt in batch.receipts]
     now = datetime.utcnow()
     for doc, result in zip(docs, results, strict=True):
         doc.update(

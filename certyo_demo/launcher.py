@@ -41,7 +41,7 @@ import pymongo
 import requests
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
-from certyo_dagster.defs import build_definitions
+from certyo_dagster.wiring import build_definitions
 from certyo_dagster.settings import ConfigError, PipelineSettings
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.resource import INSECURE_HTTP_ENV

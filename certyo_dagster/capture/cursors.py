@@ -13,10 +13,9 @@ from typing import Any
 from bson import json_util
 
 from certyo_dagster.capture.polling import VersionKey, utc_naive
+from certyo_dagster.fields import CURSORS_COLLECTION
 from certyo_dagster.settings import CollectionSpec
 from certyo_dagster.source.mongo import upsert_with_retry
-
-CURSORS_COLLECTION = "_certyo_cursors"
 
 
 def encode_position(key: VersionKey | None) -> str | None:

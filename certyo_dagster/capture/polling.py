@@ -18,10 +18,9 @@ import pymongo
 from bson import Binary, Decimal128, Int64, ObjectId
 from pymongo.errors import AutoReconnect, CursorNotFound
 
+from certyo_dagster.fields import STATUS, VERSION
 from certyo_dagster.settings import CollectionSpec
 from certyo_dagster.source.mongo import ensure_index
-
-DEAD_LETTERS_COLLECTION = "_certyo_dead_letters"
 
 # How many times a window scan resumes from its last key after a transient failure.
 SCAN_RESUMES = 3
@@ -233,7 +232,7 @@ def scan_changes(
     blocked = False
     scanned = 0
     last_handled: VersionKey | None = None
-    projection = {spec.timestamp_field: 1, "certyo_version": 1, "certyo_status": 1}
+    projection = {spec.timestamp_field: 1, VERSION: 1, STATUS: 1}
     for docs in iter_window_batches(
         collection, spec, start, end, batch_size=min(1000, max_documents), projection=projection
     ):

@@ -34,6 +34,8 @@ from bson.binary import UUID_SUBTYPE
 from bson.datetime_ms import DatetimeMS
 from bson.son import SON
 
+from certyo_dagster.fields import FIELD_PREFIX
+
 __all__ = [
     "MAX_DEPTH_LIMIT",
     "PoisonDocumentError",
@@ -43,7 +45,6 @@ __all__ = [
     "version_ms",
 ]
 
-CERTYO_FIELD_PREFIX = "certyo_"
 DEFAULT_MAX_DEPTH = 100
 # orjson refuses more than 254 levels and wrapper forms ($timestamp, ...) add up to two.
 MAX_DEPTH_LIMIT = 200
@@ -346,7 +347,7 @@ def _object(mapping: Mapping, budget: int, drop_certyo: bool = False) -> dict:
         for key, value in mapping.items():
             if type(key) is not str or key not in known:
                 key = _key(key)
-                if drop_certyo and key.startswith(CERTYO_FIELD_PREFIX):
+                if drop_certyo and key.startswith(FIELD_PREFIX):
                     continue
                 _remember(known, key)
             cls = type(value)

@@ -36,6 +36,7 @@ from certyo_dagster.ship.errors import (
     CertyoValidationError,
     describe_field_errors,
 )
+from certyo_dagster.ship.shipping import BULK_MAX_RECORDS
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,6 @@ RECORDS_PATH = "/api/v1/records"
 BULK_PATH = "/api/v1/records/bulk"
 VERIFY_PATH = "/api/v1/verify/record"
 
-MAX_BULK_RECORDS = 1000
-# Reference rule 2: more than this many records go to the bulk endpoint.
-BULK_THRESHOLD = 10
 MAX_PAGE_SIZE = 1000
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -208,28 +206,9 @@ def with_tenant(record: Mapping[str, Any], tenant_id: str, index: int | None = N
     return dict(record)
 
 
-def encode_bulk_body(records: Sequence[Mapping[str, Any]], tenant_id: str) -> bytes:
-    """The JSON body of one bulk call, encoded once so a retry re-sends the same bytes."""
-    _check_bulk_size(len(records))
-    body = {
-        "tenantId": tenant_id,
-        "records": [with_tenant(r, tenant_id, i) for i, r in enumerate(records)],
-    }
-    return orjson.dumps(body)
-
-
-def bulk_chunks(records: Sequence[Any], size: int = MAX_BULK_RECORDS) -> Iterator[Sequence[Any]]:
-    """Consecutive slices of at most `size` records, in order."""
-    for start in range(0, len(records), size):
-        yield records[start : start + size]
-
-
 def _check_bulk_size(count: int) -> None:
-    if not 1 <= count <= MAX_BULK_RECORDS:
-        raise ValueError(
-            f"a bulk call takes 1 to {MAX_BULK_RECORDS} records, got {count}; "
-            "use ingest_bulk to split larger batches"
-        )
+    if not 1 <= count <= BULK_MAX_RECORDS:
+        raise ValueError(f"a bulk call takes 1 to {BULK_MAX_RECORDS} records, got {count}")
 
 
 def _positive(name: str, value: float) -> None:
@@ -331,12 +310,9 @@ class CertyoClient:
         body = orjson.dumps(with_tenant(record, self.tenant_id))
         return self._request("POST", RECORDS_PATH, body=body)
 
-    def post_bulk(self, records: Sequence[Mapping[str, Any]]) -> dict:
-        """Exactly one bulk call of 1..1000 records; returns the 202 body."""
-        return self.post_bulk_body(encode_bulk_body(records, self.tenant_id), len(records))
-
     def post_bulk_body(self, body: bytes, count: int) -> dict:
-        """One bulk call with a body from `encode_bulk_body`; checks one result per record."""
+        """One bulk call of `count` records, already encoded (`Shipper.bulk_body`, so a retry
+        re-sends the same bytes); checks that Certyo answered once per record."""
         _check_bulk_size(count)
         response = self._request("POST", BULK_PATH, body=body)
         results = response.get("results") if isinstance(response, dict) else None
@@ -348,19 +324,6 @@ class CertyoClient:
                 path=BULK_PATH,
             )
         return response
-
-    def ingest_bulk(self, records: Sequence[Mapping[str, Any]]) -> list[dict]:
-        """Bulk-ingest any number of records, 1000 per call; receipts in input order."""
-        receipts: list[dict] = []
-        for chunk in bulk_chunks(records):
-            receipts.extend(self.post_bulk(chunk)["results"])
-        return receipts
-
-    def ingest(self, records: Sequence[Mapping[str, Any]]) -> list[dict]:
-        """Ingest by reference rule 2: up to 10 records one by one, more through bulk."""
-        if len(records) <= BULK_THRESHOLD:
-            return [self.ingest_record(r) for r in records]
-        return self.ingest_bulk(records)
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -14,9 +14,12 @@ import dagster as dg
 from pydantic import Field
 
 from certyo_dagster.clients import ProcessClients
+from certyo_dagster.settings import ConfigError
 from certyo_dagster.ship.client import CertyoClient
 
 INSECURE_HTTP_ENV = "CERTYO_ALLOW_INSECURE_HTTP"
+BASE_URL_ENV = "CERTYO_BASE_URL"
+TENANT_ID_ENV = "CERTYO_TENANT_ID"
 
 _clients: ProcessClients[CertyoClient] = ProcessClients()
 
@@ -74,7 +77,19 @@ class CertyoResource(dg.ConfigurableResource):
     )
 
     def get_client(self) -> CertyoClient:
-        """The process-wide client for this configuration, created on first use."""
+        """The process-wide client for this configuration, created on first use.
+
+        ConfigError, in one line, when the base URL or the tenant is not configured.
+        """
+        if not self.base_url.strip():
+            raise ConfigError(
+                f"{BASE_URL_ENV} is not set: set it to your Certyo API root, for example "
+                "https://www.certyos.com (make run sets it to its local sandbox)"
+            )
+        if not self.tenant_id.strip():
+            raise ConfigError(
+                f"{TENANT_ID_ENV} is not set: set it to the Certyo tenant of CERTYO_API_KEY"
+            )
         allow_insecure = self.allow_insecure_http or insecure_http_from_env()
         settings = {
             "connect_timeout": self.connect_timeout,

@@ -168,6 +168,27 @@ def bulk_update(collection: Any, updates: Sequence[UpdateOne], what: str) -> Any
         raise PyMongoError(f"{what} failed for {failed} documents") from exc
 
 
+DUPLICATE_KEY = 11000
+
+
+def bulk_upsert(collection: Any, upserts: Sequence[UpdateOne], what: str) -> Any:
+    """`bulk_update` of upserts that survives a concurrent upsert of the same `_id`.
+
+    An upsert that lost the race to insert (E11000, see `upsert_with_retry`) is sent once more,
+    alone with the others that lost: the document exists by then, so it is an update. Upserts
+    that landed are not sent twice, so an `$inc` counts once.
+    """
+    ops = list(upserts)
+    try:
+        return collection.bulk_write(ops, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if not errors or any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise PyMongoError(f"{what} failed for {len(errors)} documents") from exc
+        lost = [ops[e["index"]] for e in errors]
+    return bulk_update(collection, lost, what)
+
+
 # createIndex failures that must not fail a run: the same keys under another name (85), a
 # name taken by other keys (86), no createIndex privilege (13). Reads still work without it.
 _INDEX_PROBLEMS = {13: "not authorized", 85: "same keys, other options", 86: "name in use"}

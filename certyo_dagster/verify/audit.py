@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from certyo_dagster.fields import ANCHORED, RECORD_HASH, VERSION
 from certyo_dagster.prove.hashing import record_hash
 from certyo_dagster.sanitize.documents import PoisonDocumentError, sanitize_document
 from certyo_dagster.sanitize.records import document_version
 from certyo_dagster.settings import CollectionSpec
-from certyo_dagster.verify.pending import ANCHORED, display_id, iter_status_pages
+from certyo_dagster.verify.pending import display_id, iter_status_pages
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAX_LISTED = 100
@@ -39,13 +40,13 @@ def audit_document(doc: Mapping[str, Any], spec: CollectionSpec) -> str | None:
         version = document_version(doc, spec)
     except PoisonDocumentError:
         version = None
-    if version != doc.get("certyo_version"):
+    if version != doc.get(VERSION):
         return NEW_VERSION
     try:
         current = record_hash(sanitize_document(doc))
     except PoisonDocumentError:
         return UNHASHABLE
-    return None if current == doc.get("certyo_record_hash") else TAMPERED
+    return None if current == doc.get(RECORD_HASH) else TAMPERED
 
 
 @dataclass

@@ -26,6 +26,22 @@ from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.polling import after_id_filter, timestamp_of, utc_naive
+from certyo_dagster.fields import (
+    ANCHORED,
+    BLOCK_NUMBER,
+    FAILED,
+    FAILURE_REASON,
+    INGESTED_AT,
+    IPFS_CID,
+    MERKLE_ROOT,
+    PENDING,
+    RECORD_HASH,
+    STATUS,
+    STATUSES,
+    TX_HASH,
+    VERIFIED_AT,
+    VERSION,
+)
 from certyo_dagster.prove.hashing import record_hash, record_hash_bytes
 from certyo_dagster.prove.merkle import verify_inclusion
 from certyo_dagster.sanitize.documents import PoisonDocumentError, sanitize_document
@@ -38,10 +54,6 @@ from certyo_dagster.settings import (
 )
 from certyo_dagster.ship.errors import CertyoAuthError, CertyoError, CertyoNotFoundError
 from certyo_dagster.source.mongo import bulk_update, ensure_index
-
-PENDING = "pending"
-ANCHORED = "anchored"
-FAILED = "failed"
 
 # Failure reasons: the code before the first ':' of `certyo_failure_reason`.
 UNKNOWN_TO_CERTYO = "unknown_to_certyo"
@@ -59,17 +71,14 @@ INTEGRITY_REASONS = frozenset(
     {PAYLOAD_CHANGED, PROOF_MISMATCH, INVALID_PROOF, HASH_MISMATCH, NOT_VERIFIED, UNHASHABLE}
 )
 
-# The limits' defaults are owned by settings (CERTYO_VERIFY_* and the component's attributes).
-DEFAULT_MAX_DOCUMENTS = DEFAULT_VERIFY_MAX_DOCUMENTS
-DEFAULT_MAX_IN_FLIGHT = DEFAULT_VERIFY_CONCURRENCY
 DEFAULT_PAGE_SIZE = 500
 DEFAULT_DEADLINE = timedelta(hours=DEFAULT_VERIFY_DEADLINE_HOURS)
 DEFAULT_MAX_ERRORS = 100
 
-_STATUS_ID_INDEX = [("certyo_status", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)]
+_STATUS_ID_INDEX = [(STATUS, pymongo.ASCENDING), ("_id", pymongo.ASCENDING)]
 _STATUS_AGE_INDEX = [
-    ("certyo_status", pymongo.ASCENDING),
-    ("certyo_ingested_at", pymongo.ASCENDING),
+    (STATUS, pymongo.ASCENDING),
+    (INGESTED_AT, pymongo.ASCENDING),
 ]
 
 
@@ -131,12 +140,12 @@ def precheck(doc: Mapping[str, Any], spec: CollectionSpec) -> Outcome | None:
     ingested version whose current payload no longer hashes to `certyo_record_hash` was
     changed without a version bump: it can never be proven anchored.
     """
-    expected = doc.get("certyo_record_hash")
+    expected = doc.get(RECORD_HASH)
     try:
         version = document_version(doc, spec)
     except PoisonDocumentError:
         return Outcome("stale")  # the timestamp is gone or not a date: not the ingested version
-    if version != doc.get("certyo_version"):
+    if version != doc.get(VERSION):
         return Outcome("stale")
     if not isinstance(expected, str):
         return _failed(MISSING_RECORD_HASH, "the document is pending without certyo_record_hash")
@@ -190,7 +199,7 @@ def decide(
     deadline: timedelta = DEFAULT_DEADLINE,
 ) -> Outcome:
     """The outcome for a document that passed `precheck`, given Certyo's verify answer."""
-    expected = doc["certyo_record_hash"]
+    expected = doc[RECORD_HASH]
     verified_hash = response.get("recordHash")
     if verified_hash != expected:
         return _failed(
@@ -204,20 +213,20 @@ def decide(
         if problem is not None:
             return Outcome(FAILED, problem)
         fields: dict[str, Any] = {
-            "certyo_status": ANCHORED,
-            "certyo_record_hash": expected,
-            "certyo_verified_at": _to_millisecond(now),
-            "certyo_tx_hash": response["transactionHash"],
+            STATUS: ANCHORED,
+            RECORD_HASH: expected,
+            VERIFIED_AT: _to_millisecond(now),
+            TX_HASH: response["transactionHash"],
         }
         for name, key in (
-            ("certyo_merkle_root", "merkleRoot"),
-            ("certyo_block_number", "blockNumber"),
-            ("certyo_ipfs_cid", "ipfsCid"),
+            (MERKLE_ROOT, "merkleRoot"),
+            (BLOCK_NUMBER, "blockNumber"),
+            (IPFS_CID, "ipfsCid"),
         ):
             if response.get(key) is not None:
                 fields[name] = response[key]
         return Outcome(ANCHORED, fields=fields, latency_seconds=_latency(doc, response, now))
-    ingested_at = doc.get("certyo_ingested_at")
+    ingested_at = doc.get(INGESTED_AT)
     if isinstance(ingested_at, datetime) and utc_naive(now) - utc_naive(ingested_at) > deadline:
         return _failed(
             NOT_ANCHORED_IN_TIME,
@@ -241,7 +250,7 @@ def _hours(span: timedelta) -> str:
 
 def _latency(doc: Mapping[str, Any], response: Mapping[str, Any], now: datetime) -> float | None:
     """Seconds from our ingestion write-back to anchoring (Certyo's anchoredAt, else now)."""
-    ingested_at = doc.get("certyo_ingested_at")
+    ingested_at = doc.get(INGESTED_AT)
     if not isinstance(ingested_at, datetime):
         return None
     anchored_at = utc_naive(now)
@@ -270,19 +279,17 @@ def write_for(doc: Mapping[str, Any], outcome: Outcome, spec: CollectionSpec) ->
         return None
     condition = {
         "_id": doc["_id"],
-        "certyo_status": PENDING,
-        "certyo_version": doc.get("certyo_version"),
-        "certyo_record_hash": doc.get("certyo_record_hash"),
+        STATUS: PENDING,
+        VERSION: doc.get(VERSION),
+        RECORD_HASH: doc.get(RECORD_HASH),
         spec.timestamp_field: timestamp_of(dict(doc), spec),
     }
     if outcome.kind == ANCHORED:
         return UpdateOne(
             condition,
-            {"$set": dict(outcome.fields), "$unset": {"certyo_failure_reason": ""}},
+            {"$set": dict(outcome.fields), "$unset": {FAILURE_REASON: ""}},
         )
-    return UpdateOne(
-        condition, {"$set": {"certyo_status": FAILED, "certyo_failure_reason": outcome.reason}}
-    )
+    return UpdateOne(condition, {"$set": {STATUS: FAILED, FAILURE_REASON: outcome.reason}})
 
 
 # -- I/O ---------------------------------------------------------------------------------------
@@ -317,7 +324,7 @@ def iter_status_pages(
     started = False
     while remaining is None or remaining > 0:
         limit = page_size if remaining is None else min(page_size, remaining)
-        query: dict[str, Any] = {"certyo_status": status}
+        query: dict[str, Any] = {STATUS: status}
         if started:
             query = {"$and": [query, after_id_filter(last_id)]}
         docs = list(
@@ -367,8 +374,8 @@ class PendingVerifier:
         collection: Any,
         spec: CollectionSpec,
         client: VerifyClient,
-        max_documents: int = DEFAULT_MAX_DOCUMENTS,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_documents: int = DEFAULT_VERIFY_MAX_DOCUMENTS,
+        max_in_flight: int = DEFAULT_VERIFY_CONCURRENCY,
         page_size: int = DEFAULT_PAGE_SIZE,
         deadline: timedelta = DEFAULT_DEADLINE,
         max_errors: int = DEFAULT_MAX_ERRORS,
@@ -452,7 +459,7 @@ class PendingVerifier:
                             self.spec.database,
                             self.spec.collection,
                             record_id,
-                            doc["certyo_record_hash"],
+                            doc[RECORD_HASH],
                         )
                     )
                     continue
@@ -520,9 +527,9 @@ def _bulk_update(collection: Any, updates: list[UpdateOne]) -> list[bool]:
     for update in updates:
         condition = {
             "_id": update._filter["_id"],
-            "certyo_status": update._doc["$set"]["certyo_status"],
-            "certyo_version": update._filter["certyo_version"],
-            "certyo_record_hash": update._filter["certyo_record_hash"],
+            STATUS: update._doc["$set"][STATUS],
+            VERSION: update._filter[VERSION],
+            RECORD_HASH: update._filter[RECORD_HASH],
         }
         landed.append(collection.find_one(condition, {"_id": 1}) is not None)
     return landed
@@ -530,7 +537,6 @@ def _bulk_update(collection: Any, updates: list[UpdateOne]) -> list[bool]:
 
 # -- the collection-wide picture ---------------------------------------------------------------
 
-KNOWN_STATUSES = (PENDING, ANCHORED, FAILED, "rejected")
 NOT_INGESTED = "not ingested"
 
 
@@ -562,33 +568,33 @@ def anchoring_summary(
     pathological backlog cannot make the report unbounded.
     """
     total = collection.count_documents({})
-    by_status = {s: collection.count_documents({"certyo_status": s}) for s in KNOWN_STATUSES}
-    by_status[NOT_INGESTED] = collection.count_documents({"certyo_status": {"$exists": False}})
+    by_status = {s: collection.count_documents({STATUS: s}) for s in STATUSES}
+    by_status[NOT_INGESTED] = collection.count_documents({STATUS: {"$exists": False}})
     other = total - sum(by_status.values())
     if other:
         by_status["other"] = other
     oldest = collection.find_one(
-        {"certyo_status": PENDING, "certyo_ingested_at": {"$type": "date"}},
-        {"certyo_ingested_at": 1},
-        sort=[("certyo_ingested_at", pymongo.ASCENDING)],
+        {STATUS: PENDING, INGESTED_AT: {"$type": "date"}},
+        {INGESTED_AT: 1},
+        sort=[(INGESTED_AT, pymongo.ASCENDING)],
     )
     reasons: Counter = Counter()
     sample: list[str] = []
     if by_status[FAILED]:
         cursor = collection.find(
-            {"certyo_status": FAILED},
-            {"certyo_failure_reason": 1},
+            {STATUS: FAILED},
+            {FAILURE_REASON: 1},
             sort=[("_id", pymongo.ASCENDING)],
             limit=max_failed_scanned,
         )
         for doc in cursor:
-            reasons[reason_code(str(doc.get("certyo_failure_reason") or "unknown"))] += 1
+            reasons[reason_code(str(doc.get(FAILURE_REASON) or "unknown"))] += 1
             if len(sample) < max_failed_listed:
                 sample.append(display_id(doc["_id"]))
     return AnchoringSummary(
         total=total,
         by_status=by_status,
-        oldest_pending_ingested_at=oldest["certyo_ingested_at"] if oldest else None,
+        oldest_pending_ingested_at=oldest[INGESTED_AT] if oldest else None,
         failure_reasons=reasons,
         failed_sample_ids=sample,
     )

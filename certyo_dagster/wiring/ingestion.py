@@ -15,16 +15,15 @@ from pydantic import Field
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.cursors import read_cursor_mirror
-from certyo_dagster.capture.polling import (
-    DEAD_LETTERS_COLLECTION,
-    count_untimestamped,
-    ensure_indexes,
-)
+from certyo_dagster.capture.polling import count_untimestamped, ensure_indexes
+from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.sanitize.documents import iso_utc
-from certyo_dagster.settings import CollectionSpec, PipelineSettings
+from certyo_dagster.sanitize.records import DEFAULT_MAX_PAYLOAD_BYTES, CertyoRecordEncoder
+from certyo_dagster.settings import CollectionSpec, ConfigError, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIngestor
 from certyo_dagster.ship.resource import CertyoResource
+from certyo_dagster.ship.shipping import BULK_MAX_RECORDS, DEFAULT_MAX_IN_FLIGHT, Shipper
 from certyo_dagster.source.mongo import MongoResource, describe_mongo_error, redact_uri_text
 from certyo_dagster.wiring.partitions import hourly_partitions
 from certyo_dagster.wiring.schedules import build_ingest_schedule
@@ -41,12 +40,17 @@ class IngestConfig(dg.Config):
         description="Send versions already acknowledged again. Certyo answers with "
         "idempotent replays; nothing is stored twice.",
     )
-    batch_size: int = Field(default=1000, ge=1, le=1000, description="Documents per batch.")
+    batch_size: int = Field(
+        default=BULK_MAX_RECORDS, ge=1, le=BULK_MAX_RECORDS, description="Documents per batch."
+    )
     max_in_flight: int = Field(
-        default=4, ge=1, le=32, description="Bulk requests to Certyo in flight at once."
+        default=DEFAULT_MAX_IN_FLIGHT,
+        ge=1,
+        le=32,
+        description="Bulk requests to Certyo in flight at once.",
     )
     max_payload_bytes: int = Field(
-        default=1_000_000,
+        default=DEFAULT_MAX_PAYLOAD_BYTES,
         ge=1,
         description="A sanitized document larger than this becomes a dead letter.",
     )
@@ -142,15 +146,18 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
             mirror = read_cursor_mirror(database, spec)
             ingestor = WindowIngestor(
                 database=database,
-                spec=spec,
-                client=certyo.get_client(),
-                tenant_id=certyo.tenant_id,
+                encoder=CertyoRecordEncoder(
+                    spec, certyo.tenant_id, max_payload_bytes=config.max_payload_bytes
+                ),
+                shipper=Shipper(
+                    certyo.get_client(),
+                    certyo.tenant_id,
+                    batch_size=config.batch_size,
+                    max_in_flight=config.max_in_flight,
+                ),
                 run_id=context.run.run_id,
                 partition_key=_partition_label(context),
                 force=config.force,
-                batch_size=config.batch_size,
-                max_in_flight=config.max_in_flight,
-                max_payload_bytes=config.max_payload_bytes,
                 handoff_before=mirror.handoff_before,
                 log=context.log.info,
             )
@@ -166,6 +173,8 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
             ) from None
         except CertyoError as exc:
             raise dg.Failure(description=f"Certyo request failed: {exc}") from None
+        except ConfigError as exc:
+            raise dg.Failure(description=str(exc)) from None
         except PyMongoError as exc:
             raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
 

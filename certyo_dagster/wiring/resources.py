@@ -1,4 +1,9 @@
-"""The `mongo` and `certyo` resources, configured from the environment through EnvVar."""
+"""The `mongo` and `certyo` resources, configured from the environment.
+
+Nothing here has a default that points anywhere: an unset CERTYO_BASE_URL or CERTYO_TENANT_ID
+is reported by `CertyoResource` when a run first needs Certyo, so the code location still
+loads (`dagster definitions validate`) without them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,8 @@ from typing import Any
 import dagster as dg
 
 from certyo_dagster.settings import PipelineSettings
-from certyo_dagster.ship.resource import CertyoResource
+from certyo_dagster.ship.resource import BASE_URL_ENV, TENANT_ID_ENV, CertyoResource
 from certyo_dagster.source.mongo import MongoResource
-
-SANDBOX_BASE_URL = "http://127.0.0.1:8080"
-SANDBOX_TENANT_ID = "sandbox-tenant"
 
 
 def default_resources(settings: PipelineSettings) -> dict[str, Any]:
@@ -20,8 +22,8 @@ def default_resources(settings: PipelineSettings) -> dict[str, Any]:
     return {
         "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database=database),
         "certyo": CertyoResource(
-            base_url=os.environ.get("CERTYO_BASE_URL", "").strip() or SANDBOX_BASE_URL,
+            base_url=os.environ.get(BASE_URL_ENV, "").strip(),
             api_key=dg.EnvVar("CERTYO_API_KEY"),
-            tenant_id=os.environ.get("CERTYO_TENANT_ID", "").strip() or SANDBOX_TENANT_ID,
+            tenant_id=os.environ.get(TENANT_ID_ENV, "").strip(),
         ),
     }

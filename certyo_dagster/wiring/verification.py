@@ -14,12 +14,14 @@ from pydantic import Field
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.polling import ensure_indexes
+from certyo_dagster.fields import PENDING, STATUS
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import (
     DEFAULT_VERIFY_CONCURRENCY,
     DEFAULT_VERIFY_DEADLINE_HOURS,
     DEFAULT_VERIFY_MAX_DOCUMENTS,
     CollectionSpec,
+    ConfigError,
     PipelineSettings,
 )
 from certyo_dagster.ship.resource import CertyoResource
@@ -34,7 +36,6 @@ from certyo_dagster.verify.pending import (
     DEFAULT_MAX_ERRORS,
     DEFAULT_PAGE_SIZE,
     INTEGRITY_REASONS,
-    PENDING,
     AnchoringSummary,
     PendingVerifier,
     VerifyAbortedError,
@@ -159,6 +160,8 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
                 failure = redact_uri_text(str(exc), mongo.uri)
             now = datetime.now(timezone.utc)
             summary = anchoring_summary(collection)
+        except ConfigError as exc:
+            raise dg.Failure(description=str(exc)) from None
         except PyMongoError as exc:
             raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None
 
@@ -275,7 +278,7 @@ def build_verify_schedule(
         if running:
             return dg.SkipReason(f"{job_name} run {running[0].dagster_run.run_id} is in progress")
         collection = mongo.get_collection(spec.collection)
-        if collection.find_one({"certyo_status": PENDING}, {"_id": 1}) is None:
+        if collection.find_one({STATUS: PENDING}, {"_id": 1}) is None:
             return dg.SkipReason(f"no pending documents in {spec.database}.{spec.collection}")
         when = context.scheduled_execution_time
         stamp = when.isoformat() if when else datetime.now(timezone.utc).isoformat()

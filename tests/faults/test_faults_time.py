@@ -6,9 +6,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import dagster as dg
+import orjson
 from bson import ObjectId
 from fixtures.ledger import SMALL_BATCHES, change_history, drive
 from fixtures.pipeline import hour, make_pipeline, pk
+from fixtures.sandbox import TENANT_A
 
 
 def _doc(ts: datetime, **extra) -> dict:
@@ -90,7 +92,8 @@ def test_a_fresh_instance_takes_over_from_the_reference_poller_without_resending
         }
         for doc in pipeline.db["products"].find()
     ]
-    client.ingest(shipped)
+    body = orjson.dumps({"tenantId": TENANT_A, "records": shipped})
+    client.post_bulk_body(body, len(shipped))  # one bulk call, as the reference poller makes
     pipeline.db["_certyo_cursors"].insert_one(
         {"_id": "poll_products", "lastSyncAt": handoff, "updatedAt": handoff}
     )

@@ -13,9 +13,7 @@ from certyo_dagster.ship.client import (
     USER_AGENT,
     CertyoClient,
     CertyoRetry,
-    bulk_chunks,
     check_base_url,
-    encode_bulk_body,
     error_for_status,
     with_tenant,
 )
@@ -189,22 +187,6 @@ def test_tenant_is_filled_in_and_a_foreign_tenant_is_refused():
     assert with_tenant({"recordId": "1", "tenantId": "t"}, "t")["tenantId"] == "t"
     with pytest.raises(ValueError, match="record 4 has tenantId 'other'"):
         with_tenant({"tenantId": "other"}, "t", 4)
-
-
-def test_bulk_body_holds_1_to_1000_records():
-    body = encode_bulk_body([{"recordId": "a"}, {"recordId": "b"}], "t")
-    assert body == b'{"tenantId":"t","records":[{"recordId":"a","tenantId":"t"},' + (
-        b'{"recordId":"b","tenantId":"t"}]}'
-    )
-    for count in (0, 1001):
-        with pytest.raises(ValueError, match="1 to 1000 records"):
-            encode_bulk_body([{}] * count, "t")
-
-
-def test_bulk_chunks_keep_order_and_size():
-    chunks = list(bulk_chunks(list(range(2500))))
-    assert [len(c) for c in chunks] == [1000, 1000, 500]
-    assert [x for c in chunks for x in c] == list(range(2500))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import logging
 import threading
 import uuid
 
+import orjson
 import pytest
 
 from certyo_dagster.ship.client import CertyoClient
@@ -69,6 +70,13 @@ def records(count: int, collection: str = "products", start: int = 0) -> list[di
     ]
 
 
+def post_bulk(client: CertyoClient, batch: list[dict]) -> dict:
+    """One bulk call of `batch`, each record under the client's tenant."""
+    body = {"tenantId": client.tenant_id, "records": [{**r, "tenantId": client.tenant_id}
+                                                       for r in batch]}  # fmt: skip
+    return client.post_bulk_body(orjson.dumps(body), len(batch))
+
+
 def calls(sandbox, status: int) -> int:
     return sandbox.stats()["requests_by_status"].get(str(status), 0)
 
@@ -78,7 +86,7 @@ def calls(sandbox, status: int) -> int:
 
 def test_503s_are_retried_with_full_jitter_backoff(sandbox, make_client, sleeps):
     sandbox.script_faults([{"status": 503, "times": 3, "path": BULK}])
-    response = make_client().post_bulk(records(5))
+    response = post_bulk(make_client(), records(5))
     assert response["accepted"] == 5
     assert calls(sandbox, 503) == 3
     assert len(sleeps) == 3
@@ -108,7 +116,7 @@ def test_429_waits_exactly_the_retry_after_capped(sandbox, make_client, sleeps):
 def test_persistent_503_gives_up_with_unavailable_after_the_retries(sandbox, make_client, sleeps):
     sandbox.script_faults([{"status": 503, "times": 4, "path": BULK}])
     with pytest.raises(CertyoUnavailableError) as info:
-        make_client().post_bulk(records(3))
+        post_bulk(make_client(), records(3))
     assert info.value.status_code == 503
     assert "POST /api/v1/records/bulk" in str(info.value)
     assert "after 3 retries" in str(info.value)
@@ -129,7 +137,7 @@ def test_connection_dropped_after_the_request_is_retried_as_an_idempotent_replay
     sandbox, make_client
 ):
     sandbox.script_faults([{"action": "close_after", "path": BULK}])
-    response = make_client().post_bulk(records(5))
+    response = post_bulk(make_client(), records(5))
     # The first attempt was stored, then its answer lost: the retry sent the same keys.
     assert response["replayed"] == 5
     assert all(r["idempotencyReplayed"] for r in response["results"])
@@ -172,7 +180,7 @@ def test_the_api_key_appears_in_no_error_or_log(sandbox, make_client, caplog):
     failures.append(info.value)
     client.ingest_record(records(1)[0])  # the dropped connection, then a replay
     with pytest.raises(CertyoValidationError) as info:
-        client.post_bulk([{"recordId": "x"}])
+        post_bulk(client, [{"recordId": "x"}])
     failures.append(info.value)
     with pytest.raises(CertyoAuthError) as info:
         make_client(tenant_id="tenant-b").ingest_record(records(1)[0])
@@ -203,7 +211,7 @@ def test_unknown_key_is_an_auth_error(make_client):
 
 def test_tenant_of_another_key_is_an_auth_error(make_client):
     with pytest.raises(CertyoAuthError) as info:
-        make_client(api_key=KEY_B, tenant_id="tenant-a").post_bulk(records(2))
+        post_bulk(make_client(api_key=KEY_B, tenant_id="tenant-a"), records(2))
     assert info.value.status_code == 403
 
 
@@ -212,7 +220,7 @@ def test_invalid_bulk_records_are_named_by_index(sandbox, make_client):
     del batch[1]["recordId"]
     batch[3]["recordPayload"] = "not an object"
     with pytest.raises(CertyoValidationError) as info:
-        make_client().post_bulk(batch)
+        post_bulk(make_client(), batch)
     error = info.value
     assert error.status_code == 400
     assert sorted({e["index"] for e in error.errors}) == [1, 3]
@@ -240,42 +248,22 @@ def test_a_record_for_another_tenant_is_refused_before_sending(sandbox, make_cli
 # --- ingestion shapes ---------------------------------------------------------------------
 
 
-def test_ingest_bulk_splits_2500_records_into_3_calls_in_order(sandbox, make_client):
-    batch = records(2500)
-    receipts = make_client().ingest_bulk(batch)
-    assert calls(sandbox, 202) == 3
-    assert [r["recordId"] for r in receipts] == [r["recordId"] for r in batch]
-    assert all(r["tenantId"] == "tenant-a" for r in receipts)
-    assert sandbox.stats()["records_stored"] == 2500
-
-
-def test_ingest_uses_the_single_endpoint_for_up_to_10_records(sandbox, make_client):
-    client = make_client()
-    assert len(client.ingest(records(10))) == 10
-    assert calls(sandbox, 202) == 10
-    receipts = client.ingest(records(11, start=100))
-    assert calls(sandbox, 202) == 11  # one bulk call
-    assert [r["recordId"] for r in receipts] == [f"doc-{i:05d}" for i in range(100, 111)]
-    assert client.ingest([]) == []
-
-
 def test_bulk_size_is_checked_before_sending(sandbox, make_client):
     client = make_client()
     with pytest.raises(ValueError, match="1 to 1000"):
-        client.post_bulk(records(1001))
+        post_bulk(client, records(1001))
     with pytest.raises(ValueError, match="1 to 1000"):
-        client.post_bulk([])
+        client.post_bulk_body(b'{"tenantId":"tenant-a","records":[]}', 0)
     assert sandbox.stats()["requests_by_status"] == {}
 
 
 def test_post_bulk_body_sends_a_pre_encoded_batch(make_client):
-    from certyo_dagster.ship.client import encode_bulk_body
-
     client = make_client()
-    response = client.post_bulk_body(encode_bulk_body(records(4), "tenant-a"), 4)
+    body = orjson.dumps({"tenantId": "tenant-a", "records": records(4)})
+    response = client.post_bulk_body(body, 4)
     assert [r["recordId"] for r in response["results"]] == [f"doc-{i:05d}" for i in range(4)]
     with pytest.raises(CertyoError, match="returned 4 results for 5 records"):
-        client.post_bulk_body(encode_bulk_body(records(4), "tenant-a"), 5)
+        client.post_bulk_body(body, 5)
 
 
 def test_concurrent_bulk_posts_share_the_pool(sandbox, make_client, caplog):
@@ -285,7 +273,7 @@ def test_concurrent_bulk_posts_share_the_pool(sandbox, make_client, caplog):
 
     def post(worker: int) -> None:
         batch = records(50, collection=f"c{worker}")
-        results[worker] = client.post_bulk(batch)["results"]
+        results[worker] = post_bulk(client, batch)["results"]
 
     threads = [threading.Thread(target=post, args=(w,)) for w in range(8)]
     for thread in threads:
@@ -320,7 +308,7 @@ def test_verify_of_an_unknown_record_is_not_found(make_client):
 
 def test_query_records_follows_cursors_across_pages(sandbox, make_client):
     client = make_client()
-    client.ingest_bulk(records(25, collection="paged") + records(5, collection="other"))
+    post_bulk(client, records(25, collection="paged") + records(5, collection="other"))
     before = calls(sandbox, 200)
     found = list(client.query_records(database="productdb", collection="paged", page_size=10))
     assert [r["recordId"] for r in found] == [f"doc-{i:05d}" for i in range(25)]
@@ -337,8 +325,9 @@ def test_query_page_size_is_checked(make_client):
 def test_requests_reuse_one_kept_alive_connection(make_client, caplog):
     caplog.set_level(logging.DEBUG, logger="urllib3")
     client = make_client()
-    client.ingest(records(5))
-    client.post_bulk(records(20, start=10))
+    for record in records(5):
+        client.ingest_record(record)
+    post_bulk(client, records(20, start=10))
     list(client.query_records())
     assert caplog.text.count("Starting new HTTP connection") == 1
     assert caplog.text.count("POST /api/v1/records HTTP/1.1") == 5

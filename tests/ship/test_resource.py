@@ -79,3 +79,16 @@ def test_a_failing_run_shows_no_key_in_dagster_error_text(monkeypatch):
     error_text = failures[0].event_specific_data.error.to_string()
     assert "plain http to a non-loopback host" in error_text
     assert KEY not in error_text
+
+
+@pytest.mark.parametrize(
+    ("setting", "variable"), [("base_url", "CERTYO_BASE_URL"), ("tenant_id", "CERTYO_TENANT_ID")]
+)
+def test_an_unset_base_url_or_tenant_is_a_one_line_configuration_error(setting, variable):
+    from certyo_dagster.settings import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        resource(**{setting: "  "}).get_client()
+    message = str(caught.value)
+    assert message.startswith(f"{variable} is not set")
+    assert "\n" not in message and KEY not in message

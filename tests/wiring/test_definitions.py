@@ -94,3 +94,44 @@ def test_the_default_partition_start_is_fixed_not_moving_with_the_clock():
     first = PipelineSettings.from_env({}).collections[0].partition_start
     assert first == datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert PipelineSettings.from_env({}).collections[0].partition_start == first
+
+
+@pytest.mark.parametrize(
+    ("unset", "job"),
+    [
+        ("CERTYO_BASE_URL", "ingest_products"),
+        ("CERTYO_TENANT_ID", "ingest_products"),
+        ("CERTYO_BASE_URL", "verify_products"),
+    ],
+)
+def test_without_a_certyo_url_or_tenant_the_code_loads_and_a_run_fails_in_one_line(
+    mongo, monkeypatch, unset, job
+):
+    import dagster as dg
+
+    from certyo_dagster.wiring import build_definitions
+
+    configured = {
+        "MONGO_URI": mongo.uri,
+        "CERTYO_API_KEY": "cty_sandbox_test_key_a",
+        "CERTYO_BASE_URL": "http://127.0.0.1:9",
+        "CERTYO_TENANT_ID": "tenant-a",
+    }
+    for name, value in configured.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(unset)
+    defs = build_definitions(PipelineSettings.from_env({"MONGO_DATABASE": mongo.database}))
+    partition = {"partition_key": "2026-01-01-00:00"} if job.startswith("ingest") else {}
+
+    result = defs.resolve_job_def(job).execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False, **partition
+    )
+
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    error = failure.step_failure_data.error
+    assert (error.cls_name, error.cause) == ("Failure", None)  # no chained traceback
+    prefix, description = error.message.strip().split(": ", 1)
+    assert prefix.endswith("Failure")
+    assert description.startswith(f"{unset} is not set: set it to")
+    assert "\n" not in description

@@ -15,13 +15,26 @@ from bson import Decimal128, ObjectId
 from fixtures.mongo import insert_raw
 from fixtures.pipeline import hour, pk
 
+from certyo_dagster.sanitize.records import CertyoRecordEncoder
 from certyo_dagster.ship.errors import CertyoUnavailableError
 from certyo_dagster.ship.ingest import IngestFailedError, WindowIngestor
+from certyo_dagster.ship.shipping import Shipper
 
 
 def _product(i: int, ts: datetime, **extra) -> dict:
     return {"_id": ObjectId(), "sku": f"SKU-{i:06d}", "price": Decimal128("9.90"), "updatedAt": ts,
             **extra}  # fmt: skip
+
+
+def _ingestor(pipeline, client, *, batch_size=1000, max_in_flight=4, **options) -> WindowIngestor:
+    """The window loop of `ingest_products_window`, with `client` in place of the real one."""
+    return WindowIngestor(
+        database=pipeline.db,
+        encoder=CertyoRecordEncoder(pipeline.spec(), "tenant-a"),
+        shipper=Shipper(client, "tenant-a", batch_size=batch_size, max_in_flight=max_in_flight),
+        run_id="test-run",
+        **options,
+    )
 
 
 def test_one_partition_ships_every_version_and_writes_back_pending(pipeline):
@@ -275,12 +288,9 @@ def test_a_later_batch_succeeding_after_an_earlier_failure_does_not_move_the_pos
             later_accepted.release()
             return response
 
-    ingestor = WindowIngestor(
-        database=pipeline.db,
-        spec=pipeline.spec(),
-        client=FirstBatchFails(),
-        tenant_id="tenant-a",
-        run_id="test-run",
+    ingestor = _ingestor(
+        pipeline,
+        FirstBatchFails(),
         batch_size=100,
         max_in_flight=3,
     )
@@ -356,12 +366,9 @@ def test_a_document_edited_while_its_batch_is_in_flight_is_not_labelled_with_the
             )
             return response
 
-    WindowIngestor(
-        database=pipeline.db,
-        spec=pipeline.spec(),
-        client=EditDuringPost(),
-        tenant_id="tenant-a",
-        run_id="test-run",
+    _ingestor(
+        pipeline,
+        EditDuringPost(),
     ).run(hour(15), hour(16))
 
     assert products.count_documents({"certyo_status": "pending"}) == 19
@@ -438,12 +445,9 @@ def test_pitfall_unbounded_memory__the_ingestor_reads_at_most_in_flight_plus_one
             return response
 
     monkeypatch.setattr(ingest_module, "iter_window_batches", counting_batches)
-    report = WindowIngestor(
-        database=pipeline.db,
-        spec=pipeline.spec(),
-        client=SlowCertyo(),
-        tenant_id="tenant-a",
-        run_id="test-run",
+    report = _ingestor(
+        pipeline,
+        SlowCertyo(),
         batch_size=50,
         max_in_flight=3,
     ).run(hour(17), hour(18))
@@ -512,12 +516,9 @@ def test_long_partitions_log_progress_every_n_batches(pipeline):
     )
     lines: list[str] = []
 
-    WindowIngestor(
-        database=pipeline.db,
-        spec=pipeline.spec(),
-        client=pipeline.resources["certyo"].get_client(),
-        tenant_id="tenant-a",
-        run_id="test-run",
+    _ingestor(
+        pipeline,
+        pipeline.resources["certyo"].get_client(),
         batch_size=50,
         progress_every=2,
         log=lines.append,
