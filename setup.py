@@ -1,0 +1,22 @@
+"""Packages and console scripts; everything else is in pyproject.toml.
+
+`pip install .` installs the product and its two siblings, the sandbox and the demo.
+With CERTYO_PRODUCT_ONLY=1 only `certyo_dagster` is installed and no console script: the
+user-code image (deploy/Dockerfile) holds the product alone.
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+PRODUCT_ONLY = os.environ.get("CERTYO_PRODUCT_ONLY", "").strip() == "1"
+PACKAGES = (
+    ["certyo_dagster*"] if PRODUCT_ONLY else ["certyo_dagster*", "certyo_sandbox*", "certyo_demo*"]
+)
+SCRIPTS = (
+    []
+    if PRODUCT_ONLY
+    else ["certyo-sandbox = certyo_sandbox.cli:main", "certyo-demo = certyo_demo.cli:main"]
+)
+
+setup(packages=find_packages(include=PACKAGES), entry_points={"console_scripts": SCRIPTS})
