@@ -375,6 +375,15 @@ def test_a_killed_run_worker_fails_its_run_and_the_retry_and_the_sensor_ship_the
         ledger.write(_document(ObjectId(), later + timedelta(milliseconds=n + 1), "alpha"))
     stack.sandbox.clear_faults()
     stack.wait_idle(timeout=240)
+    # The dead run's `certyo` slot comes back (free_slots_after_run_end_seconds), so the
+    # pool is not one slot short from now on.
+    pool = stack.dagster.instance.event_log_storage
+    wait_until(
+        lambda: pool.get_concurrency_info("certyo").active_slot_count == 0,
+        240,
+        "the killed run's pool slot to be freed",
+        every=5,
+    )
     stack.assert_ledgers_clean("run worker killed")
 
 
