@@ -161,6 +161,9 @@ class SandboxApp:
         self.requests_by_status: Counter[int] = Counter()
         self.idempotent_replays = 0
         self.leniencies: Leniencies = Counter()
+        # API requests in progress per API key, and the most there ever were at once.
+        self._in_flight: Counter[str] = Counter()
+        self._max_in_flight: Counter[str] = Counter()
         self._anchor_task: asyncio.Task | None = None
         self.chain = ChainAnchorer(config.chain_rpc) if config.chain_rpc else None
         self.chain_failures = 0
@@ -262,6 +265,15 @@ class SandboxApp:
             return error_response(error)
 
     async def _api(self, request: Request, handler: Handler) -> Response:
+        key = request.headers.get("x-api-key", "")
+        self._in_flight[key] += 1
+        self._max_in_flight[key] = max(self._max_in_flight[key], self._in_flight[key])
+        try:
+            return await self._api_counted(request, handler)
+        finally:
+            self._in_flight[key] -= 1
+
+    async def _api_counted(self, request: Request, handler: Handler) -> Response:
         fault = self.faults.take(request.url.path) if self.config.enable_fault_injection else None
         try:
             response = await self._api_with_fault(request, handler, fault)
@@ -590,6 +602,8 @@ class SandboxApp:
                 "idempotent_replays": self.idempotent_replays,
                 "pending_records": store.pending_records,
                 "leniencies": dict(sorted(self.leniencies.items())),
+                # Keys are secrets: the most concurrent requests of any one key, per tenant.
+                "max_concurrent_requests_per_key": self._max_concurrent_by_tenant(),
                 **(
                     {
                         "chain_rpc": self.chain.url,
@@ -601,6 +615,14 @@ class SandboxApp:
                 ),
             }
         )
+
+    def _max_concurrent_by_tenant(self) -> dict[str, int]:
+        by_tenant: dict[str, int] = {}
+        for key, most in self._max_in_flight.items():
+            tenant = self.config.api_keys.get(key)
+            if tenant is not None:
+                by_tenant[tenant] = max(by_tenant.get(tenant, 0), most)
+        return dict(sorted(by_tenant.items()))
 
     async def _add_faults(self, request: Request) -> Response:
         faults = parse_faults(await self._read_json(request))

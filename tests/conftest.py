@@ -8,4 +8,5 @@ pytest_plugins = [
     "fixtures.ledger",
     "fixtures.tcp_proxy",
     "fixtures.chain",
+    "fixtures.postgres",
 ]

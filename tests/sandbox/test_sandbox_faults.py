@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from fixtures.sandbox import TENANT_A, TEST_KEY_A
+from fixtures.sandbox import TENANT_A, TENANT_B, TEST_KEY_A, TEST_KEY_B
 from fixtures.sandbox import post_json as post
 from fixtures.sandbox import sample_record as make_record
 
@@ -220,3 +221,19 @@ def test_client_hanging_up_mid_body_is_not_a_server_error(sandbox):
         )  # fmt: skip
     assert post(sandbox, RECORDS, make_record()).status_code == 202
     assert "500" not in sandbox.stats()["requests_by_status"]
+
+
+def test_stats_report_the_most_concurrent_requests_of_each_key_by_tenant(sandbox):
+    assert sandbox.stats()["max_concurrent_requests_per_key"] == {}
+    # Each request is held 1 s, so the three of key A overlap; key B's two run one by one.
+    sandbox.script_faults([{"path": RECORDS, "action": "delay", "seconds": 1.0, "times": 5}])
+    with ThreadPoolExecutor(3) as pool:
+        together = [pool.submit(post, sandbox, RECORDS, make_record(f"a{i}")) for i in range(3)]
+        assert [f.result().status_code for f in together] == [202] * 3
+    for i in range(2):
+        response = post(sandbox, RECORDS, make_record(f"b{i}", tenant=TENANT_B), TEST_KEY_B)
+        assert response.status_code == 202
+    post(sandbox, RECORDS, make_record("x"), "not-a-key")  # unknown keys are not reported
+    stats = sandbox.stats()
+    assert stats["max_concurrent_requests_per_key"] == {TENANT_A: 3, TENANT_B: 1}
+    assert TEST_KEY_A not in str(stats) and TEST_KEY_B not in str(stats)
