@@ -41,11 +41,11 @@ import pymongo
 import requests
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
-from certyo_dagster.wiring import build_definitions
 from certyo_dagster.settings import ConfigError, PipelineSettings
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.resource import INSECURE_HTTP_ENV
 from certyo_dagster.source.mongo import redact_uri
+from certyo_dagster.wiring import build_definitions
 from certyo_demo.servers import LocalChain, SecantusServer, ServerError, free_port, signal_group
 from certyo_sandbox.config import DEFAULT_API_KEY as SANDBOX_API_KEY
 from certyo_sandbox.config import DEFAULT_TENANT as SANDBOX_TENANT
