@@ -44,7 +44,13 @@ def shape(defs: dg.Definitions) -> dict:
         ),
         "jobs": sorted((job.name, str(job.tags), str(job.run_config)) for job in jobs),
         "sensors": sorted(
-            (s.name, s.job_name, s.minimum_interval_seconds, s.default_status.value, s.description)
+            (
+                s.name,
+                tuple(sorted(target.job_name for target in s.targets)),
+                s.minimum_interval_seconds,
+                s.default_status.value,
+                s.description,
+            )
             for s in repo.sensor_defs
         ),
         "schedules": sorted(
@@ -125,7 +131,7 @@ def test_yaml_components_build_the_same_definitions_as_certyo_collections(tmp_pa
     assert "shop/orders/ingestion_receipts" in expected["assets"]
     assert [s[:4] for s in expected["sensors"]][0] == (
         "orders_change_sensor",
-        "ingest_orders",
+        ("ingest_orders",),
         45,
         "RUNNING",
     )
