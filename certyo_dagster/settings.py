@@ -11,11 +11,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Literal, get_args
 
 DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
 DEFAULT_TIMESTAMP_FIELD = "updatedAt"
 DEFAULT_LOOKBACK_MINUTES = 5
+
+Capture = Literal["polling", "change_stream"]
+CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
+DEFAULT_CAPTURE: Capture = "polling"
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -32,8 +37,14 @@ class CollectionSpec:
     database: str
     collection: str
     timestamp_field: str = DEFAULT_TIMESTAMP_FIELD
+    capture: Capture = DEFAULT_CAPTURE
 
     def __post_init__(self) -> None:
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(
+                f"capture mode {self.capture!r} of collection {self.collection!r} must be one "
+                f"of {', '.join(CAPTURE_MODES)}"
+            )
         for what, value in (("database", self.database), ("collection", self.collection)):
             if not _NAME.match(value or ""):
                 raise ConfigError(
@@ -51,8 +62,29 @@ class CollectionSpec:
         """`_id` of this collection's row in `_certyo_cursors` (the reference poller's name)."""
         return f"poll_{self.collection}"
 
+    @property
+    def stream_cursor_id(self) -> str:
+        """`_id` of this collection's change-stream position in `_certyo_cursors`."""
+        return self.collection
 
-def parse_collections(value: str, database: str) -> list[CollectionSpec]:
+    @property
+    def is_change_stream(self) -> bool:
+        return self.capture == "change_stream"
+
+
+def parse_capture(value: str | None) -> Capture:
+    """`CERTYO_CAPTURE`: polling (the default) or change_stream."""
+    raw = (value or "").strip().lower()
+    if not raw:
+        return DEFAULT_CAPTURE
+    if raw not in CAPTURE_MODES:
+        raise ConfigError(f"CERTYO_CAPTURE={value!r} must be one of {', '.join(CAPTURE_MODES)}")
+    return raw  # type: ignore[return-value]
+
+
+def parse_collections(
+    value: str, database: str, capture: Capture = DEFAULT_CAPTURE
+) -> list[CollectionSpec]:
     """Parse `products,orders:modifiedAt` into specs; names must be unique."""
     specs: list[CollectionSpec] = []
     for raw in value.split(","):
@@ -61,7 +93,9 @@ def parse_collections(value: str, database: str) -> list[CollectionSpec]:
             continue
         name, _, ts_field = entry.partition(":")
         specs.append(
-            CollectionSpec(database, name.strip(), ts_field.strip() or DEFAULT_TIMESTAMP_FIELD)
+            CollectionSpec(
+                database, name.strip(), ts_field.strip() or DEFAULT_TIMESTAMP_FIELD, capture
+            )
         )
     if not specs:
         raise ConfigError("CERTYO_COLLECTIONS names no collection")
@@ -139,7 +173,9 @@ class PipelineSettings:
         if minute > 59:
             raise ConfigError(f"CERTYO_SCHEDULE_MINUTE={minute} must be between 0 and 59")
         return cls(
-            collections=parse_collections(collections_value, database),
+            collections=parse_collections(
+                collections_value, database, parse_capture(env.get("CERTYO_CAPTURE"))
+            ),
             partition_start=parse_partition_start(env.get("CERTYO_PARTITION_START")),
             lookback_minutes=_int(env, "CERTYO_LOOKBACK_MINUTES", DEFAULT_LOOKBACK_MINUTES),
             schedule_minute=minute,

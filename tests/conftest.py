@@ -6,4 +6,5 @@ pytest_plugins = [
     "fixtures.sandbox",
     "fixtures.pipeline",
     "fixtures.ledger",
+    "fixtures.streams",
 ]
