@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 
+from certyo_dagster.defs.change_stream import build_change_stream_defs
 from certyo_dagster.defs.ingestion import build_ingestion_defs
 from certyo_dagster.defs.resources import default_resources
 from certyo_dagster.defs.verification import build_verification_defs
@@ -21,9 +22,12 @@ def build_collection_definitions(
     spec: CollectionSpec, settings: PipelineSettings
 ) -> dg.Definitions:
     """Everything Dagster shows for one collection (no resources)."""
-    return dg.Definitions.merge(
-        build_ingestion_defs(spec, settings), build_verification_defs(spec, settings)
+    capture = (
+        build_change_stream_defs(spec, settings)
+        if spec.is_change_stream
+        else build_ingestion_defs(spec, settings)
     )
+    return dg.Definitions.merge(capture, build_verification_defs(spec, settings))
 
 
 def build_definitions(

@@ -13,6 +13,7 @@ import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
+from certyo_dagster.capture.change_stream import peek
 from certyo_dagster.capture.polling import ensure_indexes
 from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
 from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
@@ -187,6 +188,11 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
                 batch_size=config.batch_size,
                 max_listed=config.max_listed_ids,
                 log=context.log.info,
+                stream_settled=(
+                    (lambda: peek(mongo.get_database(), spec, heartbeat=False).kind == "quiet")
+                    if spec.is_change_stream
+                    else None
+                ),
             )
         except PyMongoError as exc:
             raise dg.Failure(
