@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import islice
 from typing import Any
 
 from bson import Timestamp
@@ -327,62 +328,68 @@ class ChangeStreamCapture:
     def _snapshot(self, position: StreamPosition, report: StreamReport, deadline: float) -> bool:
         """Ship the documents after the saved `_id`, chunk by chunk; True when complete."""
         version = position.snapshot_version or snapshot_version(position.snapshot_started)
-        while True:
-            if time.monotonic() >= deadline:
-                self.log(f"{self.spec.collection}: snapshot continues in the next run")
-                return False
-            query = (
-                after_id_filter(position.snapshot_after_id)
-                if position.snapshot_has_after_id
-                else {}
-            )
-            docs = list(self.collection.find(query).sort("_id", 1).limit(self.batch_size))
-            if not docs:
-                return True
-            read_at = datetime.now(timezone.utc)
-            report.snapshot_read += len(docs)
-            records: list[EncodedRecord] = []
-            shipped_docs: list[dict] = []
-            for doc in docs:
-                if doc.get("certyo_version") == version and doc.get("certyo_status") in _HANDLED:
-                    report.skipped_already_shipped += 1  # shipped before a crash
-                    continue
-                try:
-                    record = map_snapshot_document(
-                        doc,
-                        self.spec,
-                        self.tenant_id,
-                        version=version,
-                        read_at=read_at,
-                        max_payload_bytes=self.max_payload_bytes,
-                    )
-                except PoisonDocumentError as exc:
-                    self._dead_letter(doc["_id"], version, exc.reason, str(exc), report)
-                    continue
-                records.append(record)
-                shipped_docs.append(doc)
-                report.tally.add("upsert", None)
-            failure: ShipStoppedError | None = None
+        query = (
+            after_id_filter(position.snapshot_after_id) if position.snapshot_has_after_id else {}
+        )
+        # One cursor in `_id` order for the whole run (a query per chunk would sort the
+        # collection again for every chunk); progress is saved after each chunk.
+        with self.collection.find(query).sort("_id", 1).batch_size(self.batch_size) as cursor:
+            while True:
+                if time.monotonic() >= deadline:
+                    self.log(f"{self.spec.collection}: snapshot continues in the next run")
+                    return False
+                docs = list(islice(cursor, self.batch_size))
+                if not docs:
+                    return True
+                self._snapshot_chunk(docs, version, position, report)
+
+    def _snapshot_chunk(
+        self, docs: list[dict], version: str, position: StreamPosition, report: StreamReport
+    ) -> None:
+        read_at = datetime.now(timezone.utc)
+        report.snapshot_read += len(docs)
+        records: list[EncodedRecord] = []
+        shipped_docs: list[dict] = []
+        for doc in docs:
+            if doc.get("certyo_version") == version and doc.get("certyo_status") in _HANDLED:
+                report.skipped_already_shipped += 1  # shipped before a crash
+                continue
             try:
-                acks = self._ship(records, report)
-            except ShipStoppedError as exc:
-                failure, acks = exc, exc.acks
-            self._write_back(
-                [(d["_id"], r, a) for d, r, a in zip(shipped_docs, records, acks, strict=False)],
-                report,
-            )
-            if failure is not None:
-                # Stopped part way: the chunk is resumed after its last acknowledged document.
-                if acks:
-                    position.snapshot_after_id = shipped_docs[len(acks) - 1]["_id"]
-                    position.snapshot_has_after_id = True
-                    save_position(self.database, self.spec, position)
-                raise failure
-            position.snapshot_after_id = docs[-1]["_id"]
-            position.snapshot_has_after_id = True
-            position.snapshot_documents += len(docs)
-            position.last_processed_at = _now()
-            save_position(self.database, self.spec, position)
+                record = map_snapshot_document(
+                    doc,
+                    self.spec,
+                    self.tenant_id,
+                    version=version,
+                    read_at=read_at,
+                    max_payload_bytes=self.max_payload_bytes,
+                )
+            except PoisonDocumentError as exc:
+                self._dead_letter(doc["_id"], version, exc.reason, str(exc), report)
+                continue
+            records.append(record)
+            shipped_docs.append(doc)
+            report.tally.add("upsert", None)
+        failure: ShipStoppedError | None = None
+        try:
+            acks = self._ship(records, report)
+        except ShipStoppedError as exc:
+            failure, acks = exc, exc.acks
+        self._write_back(
+            [(d["_id"], r, a) for d, r, a in zip(shipped_docs, records, acks, strict=False)],
+            report,
+        )
+        if failure is not None:
+            # Stopped part way: the chunk is resumed after its last acknowledged document.
+            if acks:
+                position.snapshot_after_id = shipped_docs[len(acks) - 1]["_id"]
+                position.snapshot_has_after_id = True
+                save_position(self.database, self.spec, position)
+            raise failure
+        position.snapshot_after_id = docs[-1]["_id"]
+        position.snapshot_has_after_id = True
+        position.snapshot_documents += len(docs)
+        position.last_processed_at = _now()
+        save_position(self.database, self.spec, position)
 
     # -- stream ----------------------------------------------------------------------------
 
