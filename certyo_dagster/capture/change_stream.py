@@ -270,9 +270,10 @@ class ChangeStreamCapture:
         report = StreamReport()
         began = time.monotonic()
         deadline = began + self.max_seconds
-        position = read_position(self.database, self.spec)
-        report.position = position
+        position: StreamPosition | None = None
         try:
+            position = read_position(self.database, self.spec)
+            report.position = position
             if position is None or resnapshot:
                 position = self._begin_snapshot()
                 report.position = position
@@ -532,15 +533,28 @@ class ChangeStreamCapture:
 
     def _snapshot_overlap(self, events: list[dict], position: StreamPosition) -> set[int]:
         """Events from before the snapshot ended whose post-image is exactly the state the
-        snapshot shipped: one version seen by both is one record."""
+        snapshot shipped: one version seen by both is one record.
+
+        Only events that carry the exact state they produced qualify: inserts, replaces, and
+        updates read with real post-images. An update read with updateLookup carries the
+        document as it is now, which may be a later version than the one the event made.
+        """
         ended, version = position.snapshot_ended, position.snapshot_version
         if ended is None or version is None:
             return set()
         limit = cluster_int(ended)
+        exact = (
+            ("insert", "replace", "update")
+            if self.full_document != "updateLookup"
+            else (
+                "insert",
+                "replace",
+            )
+        )
         candidates = {
             i: e
             for i, e in enumerate(events)
-            if e.get("operationType") in ("insert", "update", "replace")
+            if e.get("operationType") in exact
             and isinstance(e.get("clusterTime"), Timestamp)
             and cluster_int(e["clusterTime"]) <= limit
             and isinstance(e.get("fullDocument"), dict)
