@@ -38,6 +38,8 @@ from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
 
 POSITION_TAG = "certyo/position"
+# dagster.yaml limits runs per value of this tag to one.
+STREAM_TAG = "certyo/stream"
 CHECK_NAME = "change_stream_position_valid"
 # A failed run at the same position is requested again after this long (never for a gap:
 # that needs a resnapshot run, and retrying would only detect it again).
@@ -242,7 +244,7 @@ def build_change_stream_defs(spec: CollectionSpec, settings: PipelineSettings) -
         selection=dg.AssetSelection.assets(*[s.key for s in specs]),
         description=f"Ship the change events of {spec.database}.{spec.collection} after the "
         "saved position to Certyo (a snapshot first, when there is no position).",
-        tags={"certyo/collection": spec.collection},
+        tags={"certyo/collection": spec.collection, STREAM_TAG: spec.collection},
     )
     return dg.Definitions(
         assets=[source, stream_changes],
