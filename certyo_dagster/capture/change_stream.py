@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any
@@ -271,6 +272,10 @@ class ChangeStreamCapture:
         began = time.monotonic()
         deadline = began + self.max_seconds
         position: StreamPosition | None = None
+        # Write-back and the position save of batch k run in this one thread while batch
+        # k+1 is read and shipped; they stay in order and at most one is outstanding.
+        self._tails = ThreadPoolExecutor(1, thread_name_prefix="certyo-stream-write-back")
+        self._tail: Future | None = None
         try:
             position = read_position(self.database, self.spec)
             report.position = position
@@ -278,7 +283,9 @@ class ChangeStreamCapture:
                 position = self._begin_snapshot()
                 report.position = position
             if position.phase == SNAPSHOT:
-                if not self._snapshot(position, report, deadline):
+                done = self._snapshot(position, report, deadline)
+                self._wait_tail()
+                if not done:
                     return report
                 position.phase = STREAM
                 position.snapshot_ended = cluster_time_now(self.database)
@@ -286,11 +293,14 @@ class ChangeStreamCapture:
                 report.snapshot_complete = True
                 report.resolved_gaps = self._resolve_gaps()
             self._stream(position, report, deadline)
+            self._wait_tail()
         except ShipStoppedError as exc:
+            self._settle_tail()
             raise StreamFailedError(
                 self._describe(f"Certyo failed: {exc}", position), report
             ) from exc
         except OperationFailure as exc:
+            self._settle_tail()
             reason = gap_reason(exc.code)
             if reason is None and exc.code == _UNREADABLE_TOKEN and position is not None:
                 reason = "invalid_resume_token"
@@ -298,10 +308,31 @@ class ChangeStreamCapture:
                 raise StreamFailedError(self._mongo_failure(exc, position), report) from exc
             raise self._gap(position, reason, exc.code, str(exc), report) from exc
         except PyMongoError as exc:
+            self._settle_tail()
             raise StreamFailedError(self._mongo_failure(exc, position), report) from exc
         finally:
+            self._settle_tail()
+            self._tails.shutdown(wait=True)
             report.elapsed_seconds = time.monotonic() - began
         return report
+
+    def _then(self, work: Callable[[], None]) -> None:
+        """Run `work` after the previous batch's write-back, in the write-back thread."""
+        self._wait_tail()
+        self._tail = self._tails.submit(work)
+
+    def _wait_tail(self) -> None:
+        if self._tail is not None:
+            tail, self._tail = self._tail, None
+            tail.result()
+
+    def _settle_tail(self) -> None:
+        """Wait for the outstanding write-back while already failing; its own error is
+        logged, the first failure is the one reported."""
+        try:
+            self._wait_tail()
+        except PyMongoError as exc:
+            self.log(f"{self.spec.collection}: write-back failed too: {exc}")
 
     # -- snapshot --------------------------------------------------------------------------
 
@@ -375,22 +406,29 @@ class ChangeStreamCapture:
             acks = self._ship(records, report)
         except ShipStoppedError as exc:
             failure, acks = exc, exc.acks
-        self._write_back(
-            [(d["_id"], r, a) for d, r, a in zip(shipped_docs, records, acks, strict=False)],
-            report,
-        )
+        items = [(d["_id"], r, a) for d, r, a in zip(shipped_docs, records, acks, strict=False)]
+        save = True
         if failure is not None:
             # Stopped part way: the chunk is resumed after its last acknowledged document.
+            save = bool(acks)
             if acks:
                 position.snapshot_after_id = shipped_docs[len(acks) - 1]["_id"]
                 position.snapshot_has_after_id = True
-                save_position(self.database, self.spec, position)
+        else:
+            position.snapshot_after_id = docs[-1]["_id"]
+            position.snapshot_has_after_id = True
+            position.snapshot_documents += len(docs)
+            position.last_processed_at = _now()
+        saved = replace(position)
+
+        def tail() -> None:
+            self._write_back(items, report)
+            if save:
+                save_position(self.database, self.spec, saved)
+
+        self._then(tail)
+        if failure is not None:
             raise failure
-        position.snapshot_after_id = docs[-1]["_id"]
-        position.snapshot_has_after_id = True
-        position.snapshot_documents += len(docs)
-        position.last_processed_at = _now()
-        save_position(self.database, self.spec, position)
 
     # -- stream ----------------------------------------------------------------------------
 
@@ -422,6 +460,7 @@ class ChangeStreamCapture:
                 if events or end_token is not None:
                     self._process(events, end_token, position, report)
                 if invalidating is not None:
+                    self._wait_tail()
                     raise self._gap(
                         position,
                         INVALIDATED,
@@ -485,25 +524,17 @@ class ChangeStreamCapture:
             acks = self._ship(records, report)
         except ShipStoppedError as exc:
             failure, acks = exc, exc.acks
-        self._write_back(
-            [
-                (events[record_event[a.index]]["documentKey"]["_id"], records[a.index], a)
-                for a in acks
-                if events[record_event[a.index]].get("operationType") != "delete"
-                and not (post_image(events[record_event[a.index]]) or {}).get(LOOKUP_MISSING)
-            ],
-            report,
-        )
-        for a in acks:
-            if a.status == "rejected":
-                event = events[record_event[a.index]]
-                self._dead_letter(
-                    event["documentKey"]["_id"],
-                    records[a.index].version,
-                    "certyo_validation",
-                    a.reason or "rejected by Certyo",
-                    report,
-                )
+        items = [
+            (events[record_event[a.index]]["documentKey"]["_id"], records[a.index], a)
+            for a in acks
+            if events[record_event[a.index]].get("operationType") != "delete"
+            and not (post_image(events[record_event[a.index]]) or {}).get(LOOKUP_MISSING)
+        ]
+        letters = [
+            (events[record_event[a.index]]["documentKey"]["_id"], records[a.index].version, a)
+            for a in acks
+            if a.status == "rejected"
+        ]
         settled = done + [Ack(record_event[a.index], a.status) for a in acks]
         advance = acknowledged_prefix(
             [e["_id"] for e in events],
@@ -521,7 +552,17 @@ class ChangeStreamCapture:
             if advance.last_record_id is not None:
                 position.last_record_id = advance.last_record_id
             position.last_processed_at = _now()
-            save_position(self.database, self.spec, position)
+        saved = replace(position) if advance.token is not None else None
+
+        def tail() -> None:
+            self._write_back(items, report)
+            for doc_id, version, ack in letters:
+                reason = ack.reason or "rejected by Certyo"
+                self._dead_letter(doc_id, version, "certyo_validation", reason, report)
+            if saved is not None:
+                save_position(self.database, self.spec, saved)
+
+        self._then(tail)
         if failure is not None:
             raise failure
 
@@ -561,6 +602,7 @@ class ChangeStreamCapture:
         }
         if not candidates:
             return set()
+        self._wait_tail()  # the previous batch's labels
         ids = [e["documentKey"]["_id"] for e in candidates.values()]
         labels = {
             d["_id"]: d
