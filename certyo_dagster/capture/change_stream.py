@@ -70,6 +70,8 @@ DEFAULT_MAX_SECONDS = 60.0
 DEFAULT_BATCH_SIZE = 1000
 # How long one getMore waits for new events before the run counts the stream as drained.
 DEFAULT_MAX_AWAIT_MS = 500
+# How long the sensor's peek may read past filtered-out changes before it calls a stream quiet.
+PEEK_BUDGET_SECONDS = 2.0
 CAPTURE_NAME = "change_stream"
 GAP_RECORD_PREFIX = "_certyo_gap:"
 # Code 9 (FailedToParse) is what a server answers for a token it cannot read at all.
@@ -182,6 +184,11 @@ def cluster_time_now(database: Any) -> Timestamp:
     return Timestamp(int(time.time()), 0)
 
 
+def _waited(asked: float, max_await_ms: int) -> bool:
+    """Whether an empty getMore took about as long as the server may wait for events."""
+    return time.monotonic() - asked >= 0.9 * max_await_ms / 1000
+
+
 # -- the peek (sensor) ---------------------------------------------------------------------
 
 
@@ -210,8 +217,17 @@ def peek(
             max_await_time_ms=max_await_ms,
             batch_size=1,
         ) as stream:
-            event = stream.try_next()
-            token = stream.resume_token
+            budget = time.monotonic() + PEEK_BUDGET_SECONDS
+            last_empty: Any = None
+            while True:
+                asked = time.monotonic()
+                event = stream.try_next()
+                token = stream.resume_token
+                if event is not None or _waited(asked, max_await_ms) or asked >= budget:
+                    break
+                if token == last_empty:
+                    break
+                last_empty = token
     except OperationFailure as exc:
         if gap_reason(exc.code) or exc.code == _UNREADABLE_TOKEN:
             return Peek("gap", position, detail=f"code {exc.code}: {exc}")
@@ -444,13 +460,27 @@ class ChangeStreamCapture:
                 events: list[dict] = []
                 invalidating: dict | None = None
                 drained = False
+                last_empty: Any = None
                 while (
                     len(events) < self.batch_size and report.events + len(events) < self.max_events
                 ):
+                    asked = time.monotonic()
                     event = stream.try_next()
                     if event is None:
-                        drained = True
-                        break
+                        # An empty batch is not the end of the stream unless the server
+                        # waited for new events, or found nothing more to scan: a getMore
+                        # that scanned only filtered-out changes (our own write-backs)
+                        # returns at once, empty, with a later post-batch token.
+                        token = stream.resume_token
+                        if (
+                            _waited(asked, self.max_await_ms)
+                            or token == last_empty
+                            or time.monotonic() >= deadline
+                        ):
+                            drained = True
+                            break
+                        last_empty = token
+                        continue
                     if event.get("operationType") in INVALIDATING:
                         invalidating = event
                         break

@@ -286,6 +286,23 @@ def test_ten_thousand_events_in_one_burst(db, stream_mongo, certyo_client, ledge
     assert _capture(db, spec, certyo_client).run().events == 0
 
 
+def test_our_filtered_write_backs_never_end_a_run_early(db, stream_mongo, certyo_client, ledger):
+    """A getMore that scans only filtered-out changes (our write-backs) comes back empty at
+    once; that is not the end of the stream."""
+    spec = _spec(stream_mongo)
+    _capture(db, spec, certyo_client).run()
+    db.items.insert_many([{"_id": i} for i in range(1500)])
+    assert _capture(db, spec, certyo_client).run().events == 1500
+    for i in range(20):
+        ledger.insert({"_id": f"after-{i}"})
+    # The run reads on past the empty batches; under heavy load one getMore can take as
+    # long as the server's wait, so a second run may be needed, never a lost event.
+    runs = [_capture(db, spec, certyo_client, max_await_ms=500).run() for _ in range(2)]
+    assert sum(r.events for r in runs) == 20
+    records = ledger.records()
+    assert len(records) == len({r["idempotencyKey"] for r in records}) == 1520
+
+
 def test_max_events_bounds_a_run_and_the_next_run_continues(
     db, stream_mongo, certyo_client, ledger
 ):
