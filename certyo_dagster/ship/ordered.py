@@ -80,7 +80,7 @@ def ship_in_order(
         for lo, hi in _chunks(records, max_request_bytes):
             requests += _bulk(client, prefix, records, lo, hi, acks)
     except CertyoError as exc:
-        raise ShipStoppedError(exc, acks, requests) from exc
+        raise ShipStoppedError(exc, acks, max(requests, len(acks))) from exc
     return acks, requests
 
 
