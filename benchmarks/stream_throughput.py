@@ -159,10 +159,18 @@ def phase_snapshot(db, name: str, client: CertyoClient, count: int) -> float:
 
 
 def peak_bytes(db, name: str, source: CatalogSource, client: CertyoClient, start: int) -> int:
+    """Peak Python allocations while capture drains `source.count` new events (in as many
+    runs as it takes: a run may end early on a slow server, never lose events)."""
     insert(db, name, source, start)
     tracemalloc.start()
     try:
-        capture(db, name, client).run()
+        drained = 0
+        for _ in range(20):
+            drained += capture(db, name, client).run().events
+            if drained >= source.count:
+                break
+        if drained != source.count:
+            raise SystemExit(f"memory: drained {drained} of {source.count} events")
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -228,3 +228,33 @@ def test_a_gap_turns_the_check_red_and_a_resnapshot_resolves_it(streamed, stream
     recovered = _run(streamed, resnapshot=True)
     assert _check(recovered).passed
     assert db[GAPS_COLLECTION].count_documents({"resolvedAt": None}) == 0
+
+
+def test_sensor_retries_a_failed_position_but_never_loops_on_a_gap(streamed, stream_mongo):
+    streamed.db.items.insert_one({"_id": 0})
+    _run(streamed)
+    streamed.db.items.insert_one({"_id": 1})
+    (request,) = _tick(streamed).run_requests
+    where = request.tags["certyo/position"]
+    streamed.instance.add_run(
+        dg.DagsterRun(
+            job_name=JOB,
+            run_id="0a1b2c3d-0000-4000-8000-00000000000a",
+            status=dg.DagsterRunStatus.FAILURE,
+            tags={"certyo/position": where},
+        )
+    )
+    (retry,) = _tick(streamed).run_requests
+    assert retry.run_key == f"{request.run_key}:after-0a1b2c3d"
+    with pymongo.MongoClient(stream_mongo.uri) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": 1},
+            data={"failCommands": ["aggregate"], "errorCode": 286},
+        )
+        try:
+            gap = _tick(streamed)
+        finally:
+            admin.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert not gap.run_requests and "resnapshot: true" in gap.skip_message
