@@ -35,7 +35,7 @@ from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.ship.resource import CertyoResource
-from certyo_dagster.source.mongo import EMBEDDED_SCHEME, MongoResource
+from certyo_dagster.source.mongo import MongoResource
 
 POSITION_TAG = "certyo/position"
 # dagster.yaml limits runs per value of this tag to one.
@@ -165,12 +165,6 @@ def build_change_stream_defs(spec: CollectionSpec, settings: PipelineSettings) -
             raise dg.Failure(
                 description=f"{job_name} run {others[0].dagster_run.run_id} is active; only "
                 "one run per collection may move its stream position"
-            )
-        if mongo.uri.startswith(EMBEDDED_SCHEME):
-            raise dg.Failure(
-                description=f"{spec.collection} is captured by its change stream, and the "
-                "embedded store has none: point MONGO_URI at a MongoDB replica set, or use "
-                "capture: polling"
             )
         try:
             database = mongo.get_database()
