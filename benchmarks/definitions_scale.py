@@ -37,10 +37,10 @@ from dagster._grpc.client import DagsterGrpcClient
 
 from certyo_dagster.capture.cursors import write_cursor_mirror
 from certyo_dagster.capture.polling import VersionKey
-from certyo_dagster.defs import build_definitions
 from certyo_dagster.settings import PipelineSettings, parse_collections
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource, close_all_clients, open_client
+from certyo_dagster.wiring import build_definitions
 from certyo_demo.servers import SecantusServer, free_port, stop_process
 
 SIZES = (10, 100, 300)
@@ -50,7 +50,7 @@ DATABASE = "scaledb"
 DOCUMENTS_PER_COLLECTION = 10
 # The baseline code location: dagster and the product imported, no collection's definitions.
 BASELINE_MODULE = (
-    "import dagster as dg\nimport certyo_dagster.defs  # noqa: F401\ndefs = dg.Definitions()\n"
+    "import dagster as dg\nimport certyo_dagster.wiring  # noqa: F401\ndefs = dg.Definitions()\n"
 )
 
 

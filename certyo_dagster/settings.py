@@ -16,9 +16,9 @@ from typing import Any, Literal, get_args
 DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
 DEFAULT_TIMESTAMP_FIELD = "updatedAt"
-# How a collection's changes are captured. Only polling exists; other methods are added to
-# this Literal when they are implemented (the component's `capture` attribute uses it).
-Capture = Literal["polling"]
+# How a collection's changes are captured (the component's `capture` attribute and
+# CERTYO_CAPTURE use it).
+Capture = Literal["polling", "change_stream"]
 CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
 DEFAULT_CAPTURE: Capture = "polling"
 DEFAULT_LOOKBACK_MINUTES = 5
@@ -116,6 +116,25 @@ class CollectionSpec:
         """`_id` of this collection's row in `_certyo_cursors` (the reference poller's name)."""
         return f"poll_{self.collection}"
 
+    @property
+    def stream_cursor_id(self) -> str:
+        """`_id` of this collection's change-stream position in `_certyo_cursors`."""
+        return self.collection
+
+    @property
+    def is_change_stream(self) -> bool:
+        return self.capture == "change_stream"
+
+
+def parse_capture(value: str | None) -> Capture:
+    """`CERTYO_CAPTURE`: polling (the default) or change_stream."""
+    raw = (value or "").strip().lower()
+    if not raw:
+        return DEFAULT_CAPTURE
+    if raw not in CAPTURE_MODES:
+        raise ConfigError(f"CERTYO_CAPTURE={value!r} must be one of {', '.join(CAPTURE_MODES)}")
+    return raw  # type: ignore[return-value]
+
 
 def parse_collections(value: str, database: str, **settings: Any) -> list[CollectionSpec]:
     """Parse `products,orders:modifiedAt` into specs sharing `settings`; names must be unique."""
@@ -201,6 +220,7 @@ class PipelineSettings:
         if minute > 59:
             raise ConfigError(f"CERTYO_SCHEDULE_MINUTE={minute} must be between 0 and 59")
         shared = {
+            "capture": parse_capture(env.get("CERTYO_CAPTURE")),
             "partition_start": parse_partition_start(env.get("CERTYO_PARTITION_START")),
             "lookback_minutes": _int(env, "CERTYO_LOOKBACK_MINUTES", DEFAULT_LOOKBACK_MINUTES),
             "schedule_minute": minute,

@@ -9,4 +9,5 @@ pytest_plugins = [
     "fixtures.tcp_proxy",
     "fixtures.chain",
     "fixtures.postgres",
+    "fixtures.streams",
 ]

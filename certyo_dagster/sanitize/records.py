@@ -161,7 +161,7 @@ class EncodedRecord(NamedTuple):
     """A Certyo record as the JSON it is sent as, with the fields write-back needs."""
 
     record_id: str
-    version: int
+    version: int | str  # epoch ms for polling, a change position for streams
     source_timestamp: str
     json: bytes
 
@@ -208,3 +208,97 @@ class CertyoRecordEncoder:
             )
         )
         return EncodedRecord(record_id, version, source_timestamp, body)
+
+
+# -- one mapping for every capture mode ----------------------------------------------------
+
+OPERATION_TYPES = ("upsert", "insert", "update", "delete")
+DELETED_MARKER = "_deleted"
+
+
+def deleted_payload(doc_id: Any) -> dict:
+    """The `recordPayload` of a delete: the `_id` and nothing else to attest."""
+    return {"_id": sanitize_value(doc_id), DELETED_MARKER: True}
+
+
+def bounded_key(prefix: str, record_id: str, position: str) -> str:
+    """`<prefix>:<recordId>:<position>`, with the recordId as a SHA-256 when it is too long.
+
+    The position is kept whole (a prefix of it could be shared by two changes).
+    """
+    key = f"{prefix}:{record_id}:{position}"
+    if len(key) > MAX_IDEMPOTENCY_KEY_BYTES or (
+        not key.isascii() and len(key.encode("utf-8")) > MAX_IDEMPOTENCY_KEY_BYTES
+    ):
+        digest = hashlib.sha256(record_id.encode("utf-8")).hexdigest()
+        key = f"{prefix}:sha256-{digest}:{position}"
+    return key
+
+
+def encode_record(
+    spec: CollectionSpec,
+    tenant_id: str,
+    *,
+    doc_id: Any,
+    operation: str,
+    document: Mapping | None,
+    source_time: datetime,
+    version: str,
+    idempotency_key: str,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> EncodedRecord:
+    """The Certyo record of one document version, whichever capture mode read it.
+
+    `document` None is a delete: its payload is `{"_id": <id>, "_deleted": true}`. The bytes
+    have the same layout as `CertyoRecordEncoder.encode` (which keeps its own faster path for
+    polling). Raises PoisonDocumentError with the recordId set.
+    """
+    if operation not in OPERATION_TYPES:
+        raise ValueError(f"operationType must be one of {', '.join(OPERATION_TYPES)}")
+    try:
+        record_id = record_id_of(doc_id)
+    except PoisonDocumentError as exc:
+        exc._reversed_path.append("_id")
+        raise
+    try:
+        if document is None:
+            payload = deleted_payload(doc_id)
+        else:
+            if not isinstance(document, Mapping):
+                raise PoisonDocumentError(
+                    "unsupported_type", f"a document must be a mapping, got {_type_name(document)}"
+                )
+            payload = _object(document, DEFAULT_MAX_DEPTH, drop_certyo=True)
+        payload_json = orjson.dumps(payload)
+        if len(payload_json) > max_payload_bytes:
+            raise PoisonDocumentError(
+                "too_large",
+                f"the payload is {len(payload_json)} bytes as JSON, over the "
+                f"{max_payload_bytes}-byte limit",
+            )
+    except PoisonDocumentError as exc:
+        exc.record_id = record_id
+        raise
+    source_timestamp = iso_utc(source_time)
+    envelope = orjson.dumps(
+        {"tenantId": tenant_id, "database": spec.database, "collection": spec.collection}
+    )
+    body = b"".join(
+        (
+            envelope[:-1],
+            b',"recordId":',
+            orjson.dumps(record_id),
+            b',"recordVersion":',
+            orjson.dumps(version),
+            b',"operationType":',
+            orjson.dumps(operation),
+            b',"sourceTimestamp":',
+            orjson.dumps(source_timestamp),
+            b',"idempotencyKey":',
+            orjson.dumps(idempotency_key),
+            b',"recordPayload":',
+            payload_json,
+            b"}",
+        )
+    )
+    return EncodedRecord(record_id, version, source_timestamp, body)

@@ -24,18 +24,32 @@ from certyo_dagster.verify.pending import display_id, iter_status_pages
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAX_LISTED = 100
+# Change-stream collections: mismatches re-read once the stream has caught up, at most.
+MAX_RECHECKED = 10_000
 
 TAMPERED = "tampered"
 UNHASHABLE = "unhashable"
 NEW_VERSION = "new_version"
 
 
-def audit_document(doc: Mapping[str, Any], spec: CollectionSpec) -> str | None:
+def audit_document(
+    doc: Mapping[str, Any], spec: CollectionSpec, *, stream_settled: bool = False
+) -> str | None:
     """None when the anchored document is intact; otherwise what is wrong with it.
 
     `new_version` (edited the normal way, awaiting re-ingestion) is not tampering; `tampered`
-    and `unhashable` are.
+    and `unhashable` are. For a collection captured by its change stream, every edit is a
+    change event that relabels the document: a mismatch is tampering only once the stream
+    has no event left past its saved position (`stream_settled`), else it awaits that event.
     """
+    if spec.is_change_stream:
+        try:
+            current = record_hash(sanitize_document(doc))
+        except PoisonDocumentError:
+            return UNHASHABLE
+        if current == doc.get("certyo_record_hash"):
+            return None
+        return TAMPERED if stream_settled else NEW_VERSION
     try:
         version = document_version(doc, spec)
     except PoisonDocumentError:
@@ -73,11 +87,18 @@ def run_tamper_audit(
     max_listed: int = DEFAULT_MAX_LISTED,
     log: Callable[[str], None] | None = None,
     progress_every: int = 10,
+    stream_settled: Callable[[], bool] | None = None,
 ) -> TamperReport:
-    """Audit every document with `certyo_status: "anchored"`, batch by batch."""
+    """Audit every document with `certyo_status: "anchored"`, batch by batch.
+
+    For a change-stream collection, `stream_settled()` says whether the stream has caught up;
+    mismatches are re-read after it answers, so an edit made during the audit is not taken
+    for tampering.
+    """
     log = log or (lambda _msg: None)
     report = TamperReport()
     began = time.perf_counter()
+    provisional: list[Any] = []
     for batch_number, docs in enumerate(
         iter_status_pages(collection, ANCHORED, page_size=batch_size), start=1
     ):
@@ -87,7 +108,10 @@ def run_tamper_audit(
             if finding is None:
                 continue
             if finding == NEW_VERSION:
-                report.awaiting_reingestion += 1
+                if spec.is_change_stream and len(provisional) < MAX_RECHECKED:
+                    provisional.append(doc["_id"])
+                else:
+                    report.awaiting_reingestion += 1
                 continue
             if finding == TAMPERED:
                 report.tampered += 1
@@ -100,5 +124,16 @@ def run_tamper_audit(
                 f"{spec.collection}: {report.audited} anchored documents audited, "
                 f"{report.mismatches} mismatches so far"
             )
+    if provisional:
+        settled = stream_settled() if stream_settled is not None else False
+        for doc_id in provisional:
+            doc = collection.find_one({"_id": doc_id, "certyo_status": ANCHORED})
+            finding = audit_document(doc, spec, stream_settled=settled) if doc else None
+            if finding == TAMPERED:
+                report.tampered += 1
+                if len(report.tampered_ids) < max_listed:
+                    report.tampered_ids.append(display_id(doc_id))
+            elif finding is not None:
+                report.awaiting_reingestion += 1
     report.elapsed_seconds = time.perf_counter() - began
     return report

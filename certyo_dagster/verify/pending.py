@@ -141,6 +141,8 @@ def precheck(doc: Mapping[str, Any], spec: CollectionSpec) -> Outcome | None:
     changed without a version bump: it can never be proven anchored.
     """
     expected = doc.get(RECORD_HASH)
+    if spec.is_change_stream:
+        return _precheck_streamed(doc, expected)
     try:
         version = document_version(doc, spec)
     except PoisonDocumentError:
@@ -163,6 +165,25 @@ def precheck(doc: Mapping[str, Any], spec: CollectionSpec) -> Outcome | None:
             f"{expected}; the document was changed without updating {spec.timestamp_field}",
         )
     return None
+
+
+def _precheck_streamed(doc: Mapping[str, Any], expected: Any) -> Outcome | None:
+    """`precheck` for a collection captured by its change stream.
+
+    Every edit is a change event, and the event's write-back relabels the document with the
+    new version and hash. So a document whose payload no longer hashes to its label was edited
+    after the labelled change and waits for that edit's event: stale, never a failure.
+    """
+    if not isinstance(expected, str):
+        return _failed(MISSING_RECORD_HASH, "the document is pending without certyo_record_hash")
+    try:
+        record_hash_bytes(expected)
+        current = record_hash(sanitize_document(doc))
+    except PoisonDocumentError as exc:
+        return _failed(UNHASHABLE, f"the current payload cannot be hashed: {exc}")
+    except ValueError as exc:
+        return _failed(MISSING_RECORD_HASH, str(exc))
+    return None if current == expected else Outcome("stale")
 
 
 def check_proof(response: Mapping[str, Any], verified_hash: str) -> str | None:

@@ -13,6 +13,7 @@ import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
+from certyo_dagster.capture.change_stream import peek
 from certyo_dagster.capture.polling import ensure_indexes
 from certyo_dagster.fields import PENDING, STATUS
 from certyo_dagster.sanitize.documents import iso_utc
@@ -203,6 +204,11 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
                 batch_size=config.batch_size,
                 max_listed=config.max_listed_ids,
                 log=context.log.info,
+                stream_settled=(
+                    (lambda: peek(mongo.get_database(), spec, heartbeat=False).kind == "quiet")
+                    if spec.is_change_stream
+                    else None
+                ),
             )
         except PyMongoError as exc:
             raise dg.Failure(description=describe_mongo_error(exc, mongo.uri)) from None

@@ -41,10 +41,10 @@ from fixtures.ledger import LossLedger
 
 from certyo_dagster.capture.cursors import write_cursor_mirror
 from certyo_dagster.capture.polling import HOUR_FORMAT, VersionKey
-from certyo_dagster.defs.ingestion import asset_keys
 from certyo_dagster.settings import CollectionSpec
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import close_all_clients, open_client
+from certyo_dagster.wiring.ingestion import asset_keys
 from certyo_sandbox.server import SandboxConfig, SandboxProcess
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
