@@ -24,7 +24,7 @@ from typing import Any
 import bson
 from bson import Timestamp
 
-from certyo_dagster.sanitize.documents import CERTYO_FIELD_PREFIX
+from certyo_dagster.fields import FIELD_PREFIX as CERTYO_FIELD_PREFIX
 from certyo_dagster.sanitize.records import (
     EncodedRecord,
     bounded_key,

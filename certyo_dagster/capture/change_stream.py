@@ -53,14 +53,14 @@ from certyo_dagster.capture.change_events import (
     stream_pipeline,
     token_digest,
 )
-from certyo_dagster.capture.cursors import CURSORS_COLLECTION
-from certyo_dagster.capture.polling import DEAD_LETTERS_COLLECTION, after_id_filter
+from certyo_dagster.capture.polling import after_id_filter
+from certyo_dagster.fields import CURSORS_COLLECTION, DEAD_LETTERS_COLLECTION, VERIFICATION_FIELDS
 from certyo_dagster.prove.hashing import record_hash
 from certyo_dagster.sanitize.documents import PoisonDocumentError, iso_utc, sanitize_document
 from certyo_dagster.sanitize.records import EncodedRecord, encode_record, record_id_of
 from certyo_dagster.settings import CollectionSpec
-from certyo_dagster.ship.ingest import VERIFICATION_FIELDS, IngestClient
 from certyo_dagster.ship.ordered import ShipStoppedError, ship_in_order
+from certyo_dagster.ship.shipping import ShipClient as IngestClient
 from certyo_dagster.source.mongo import bulk_update, upsert_with_retry
 
 GAPS_COLLECTION = "_certyo_gaps"

@@ -28,7 +28,7 @@ from certyo_dagster.capture.change_stream import (
     open_gaps,
     peek,
 )
-from certyo_dagster.capture.polling import DEAD_LETTERS_COLLECTION
+from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.sanitize.documents import iso_utc
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.ship.errors import CertyoError
@@ -261,7 +261,7 @@ def build_change_stream_sensor(
     @dg.sensor(
         name=f"{spec.collection}_change_stream_sensor",
         job=job,
-        minimum_interval_seconds=settings.sensor_interval_seconds,
+        minimum_interval_seconds=spec.sensor_interval_seconds,
         default_status=(
             dg.DefaultSensorStatus.RUNNING if settings.demo_mode else dg.DefaultSensorStatus.STOPPED
         ),

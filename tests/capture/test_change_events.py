@@ -252,5 +252,5 @@ def test_capture_mode_from_the_environment():
         ConfigError, match="CERTYO_CAPTURE='stream' must be one of polling, change_stream"
     ):
         PipelineSettings.from_env({"CERTYO_CAPTURE": "stream"})
-    with pytest.raises(ConfigError, match="capture mode"):
+    with pytest.raises(ConfigError, match="capture .cdc. of collection"):
         CollectionSpec("db", "c", capture="cdc")  # type: ignore[arg-type]

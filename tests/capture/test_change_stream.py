@@ -25,7 +25,7 @@ from certyo_dagster.capture.change_stream import (
     peek,
     read_position,
 )
-from certyo_dagster.capture.cursors import CURSORS_COLLECTION
+from certyo_dagster.fields import CURSORS_COLLECTION
 from certyo_dagster.settings import CollectionSpec
 
 BULK = "/api/v1/records/bulk"
