@@ -572,7 +572,12 @@ def start_stack(
             env.setdefault("CERTYO_PARTITION_START", _demo_state(run_dir, now)["partition_start"])
             port = mongo_port or _port(MONGO_PORT, "SecantusDB", stack.notes)
             server = SecantusServer(
-                run_dir / SECANTUS_DIR, port=port, log_path=log_dir / "secantus.log"
+                run_dir / SECANTUS_DIR,
+                port=port,
+                log_path=log_dir / "secantus.log",
+                # Oplog no-ops, as a MongoDB replica set writes them: a quiet collection's
+                # change-stream position keeps advancing.
+                extra_args=["--noop-heartbeat-seconds", "10"],
             )
             stack.mongo_server = server
             server.start()
