@@ -161,7 +161,6 @@ def run_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from certyo_dagster.ship.resource import insecure_http_from_env
     from certyo_dagster.source.mongo import open_client, open_database, redact_uri
     from certyo_dagster.verify.export import BundleExporter, ExportError
-    from certyo_dagster.wiring.resources import SANDBOX_BASE_URL, SANDBOX_TENANT_ID
 
     def fail(message: str, status: int = EXIT_USAGE) -> int:
         print(f"certyo-proof export: {message}", file=sys.stderr)
@@ -173,6 +172,9 @@ def run_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return fail("MONGO_URI is not set")
     if not api_key:
         return fail("CERTYO_API_KEY is not set")
+    for name in ("CERTYO_BASE_URL", "CERTYO_TENANT_ID"):
+        if not env.get(name, "").strip():
+            return fail(f"{name} is not set")
     try:
         settings = PipelineSettings.from_env(env)
         since = parse_since(args.since) if args.since is not None else None
@@ -182,9 +184,9 @@ def run_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             None,
         ) or CollectionSpec(database, args.collection)
         client = CertyoClient(
-            env.get("CERTYO_BASE_URL", "").strip() or SANDBOX_BASE_URL,
+            env["CERTYO_BASE_URL"].strip(),
             api_key,
-            env.get("CERTYO_TENANT_ID", "").strip() or SANDBOX_TENANT_ID,
+            env["CERTYO_TENANT_ID"].strip(),
             allow_insecure_http=insecure_http_from_env(),
         )
     except (ConfigError, ValueError) as exc:

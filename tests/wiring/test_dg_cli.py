@@ -64,6 +64,8 @@ def test_dg_list_defs_shows_each_collections_assets_jobs_sensors_and_schedules(t
     assert {s["name"] for s in listed["sensors"]} == {
         "products_change_sensor",
         "orders_change_sensor",
+        "products_proof_bundles_automation",
+        "orders_proof_bundles_automation",
     }
     assert {s["name"]: s["cron_schedule"] for s in listed["schedules"]} == {
         "ingest_products_hourly": "5 * * * *",
