@@ -355,10 +355,15 @@ def main() -> None:
     print(f"medians of {args.repeat} runs:")
     for phase in phases:
         m = medians[phase]
-        per_server_cpu = args.documents / m["server_cpu_seconds"] if m["server_cpu_seconds"] else 0
+        per_cpu = []
+        if phase != "mongo_read":
+            per_cpu.append(f"{args.documents / m['server_cpu_seconds']:,.0f} per sandbox")
+        if phase != "limit" and args.source == "secantus":
+            mongo_cpu = median([r[phase]["mongo_cpu_seconds"] for r in runs])
+            per_cpu.append(f"{args.documents / mongo_cpu:,.0f} per MongoDB")
         print(
             f"  {phase:>14}: {m['docs_per_second']:9,.0f} docs/s  "
-            f"(sandbox {per_server_cpu:,.0f} docs per sandbox CPU-second)"
+            f"(docs per CPU-second: {', '.join(per_cpu)})"
         )
     print(
         f"  certyo_dagster / lower of {' and '.join(limits)}: "
