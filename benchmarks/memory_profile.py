@@ -147,7 +147,9 @@ def main() -> None:
 
     source = CatalogSource(args.documents, pool=args.pool)
     print(f"{args.documents:,} catalog documents in one partition ({source.pool_size:,} distinct)")
-    notes = [SOURCE_NOTES[args.source], LAZY_NOTE]
+    notes = [SOURCE_NOTES[args.source]]
+    if args.source == "generated":
+        notes.append(LAZY_NOTE)
     for note in notes:
         print(f"note: {note}")
     with contextlib.ExitStack() as stack:
