@@ -8,8 +8,8 @@ so a pool of distinct products is built once and kept as BSON. Document `i` is p
 its own `_id`, `sku` and `updatedAt`, so every document is a distinct record.
 
 By default the documents live in a real MongoDB-wire-compatible server: one SecantusDB
-(`certyo_demo.servers.SecantusServer`, a separate process on a free loopback port, in-memory
-storage) that the benchmark starts, loads before the clock starts, and stops. The pipeline
+(`certyo_demo.servers.SecantusServer`, a separate process on a free loopback port, storage in
+a temp dir) that the benchmark starts, loads before the clock starts, and stops. The pipeline
 reads from it and writes back into it; `OpCounter` counts the commands the client sends.
 `--source generated` reads instead from an in-memory stand-in for a pymongo collection
 (`GeneratedCollection`), which generates documents lazily, never holding the window in a list,
@@ -63,8 +63,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SOURCES = ("secantus", "generated")
 SOURCE_NOTES = {
     "secantus": (
-        "documents are read from, and written back to, one SecantusDB server (in-memory "
-        "storage) on loopback, loaded before the clock starts; it shares the machine's cores "
+        "documents are read from, and written back to, one SecantusDB server (storage in a "
+        "temp dir) on loopback, loaded before the clock starts; it shares the machine's cores "
         "with the client and the sandbox"
     ),
     "generated": (
@@ -304,7 +304,10 @@ class MongoSource:
     """
 
     def __init__(self) -> None:
-        self.server = SecantusServer()
+        # On disk in a temp dir: with in-memory storage and the 256 MB cache, SecantusDB
+        # refused inserts (WT_CACHE_FULL, "internal server error") at ~85,000 catalog documents.
+        self._storage = tempfile.TemporaryDirectory(prefix="certyo-bench-mongo-")
+        self.server = SecantusServer(Path(self._storage.name))
         self.ops = OpCounter()
         self.client: Any = None
 
@@ -319,6 +322,7 @@ class MongoSource:
         if self.client is not None:
             self.client.close()
         self.server.stop()
+        self._storage.cleanup()
 
     @property
     def pid(self) -> int | None:
