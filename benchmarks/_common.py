@@ -1,4 +1,4 @@
-"""What the benchmarks share: catalog documents, an in-memory collection, the sandbox, results.
+"""What the benchmarks share: catalog documents, where they are read from, the sandbox, results.
 
 Documents are demo-catalog products (`certyo_demo.catalog.product`: nested variants
 and reviews, Decimal128 prices, UUID and binary fields, naive UTC dates, Int64 counters, a
@@ -7,9 +7,15 @@ so a pool of distinct products is built once and kept as BSON. Document `i` is p
 `i % pool` decoded with `bson.decode` (a fresh object graph, as a pymongo cursor gives) with
 its own `_id`, `sku` and `updatedAt`, so every document is a distinct record.
 
-The collection is an in-memory stand-in for a pymongo collection because mongomock's own
-cost (~100 us per document) would swamp the measurement. It generates documents lazily,
-never holding the window in a list, and records the write-back operations it receives.
+By default the documents live in a real MongoDB-wire-compatible server: one SecantusDB
+(`certyo_demo.servers.SecantusServer`, a separate process on a free loopback port, storage in
+a temp dir) that the benchmark starts, loads before the clock starts, and stops. The pipeline
+reads from it and writes back into it; `OpCounter` counts the commands the client sends.
+`--source generated` reads instead from an in-memory stand-in for a pymongo collection
+(`GeneratedCollection`), which generates documents lazily, never holding the window in a list,
+and records the write-back operations it receives: the client's own cost with no database.
+
+`run_window` is the one place that drives the product's ingest API.
 """
 
 from __future__ import annotations
@@ -32,10 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import bson
+import pymongo
 from bson import ObjectId
+from pymongo import monitoring
 
+from certyo_dagster.capture.polling import ensure_indexes
+from certyo_dagster.sanitize.records import CertyoRecordEncoder
 from certyo_dagster.settings import CollectionSpec
+from certyo_dagster.ship.client import CertyoClient
+from certyo_dagster.ship.ingest import IngestReport, WindowIngestor
+from certyo_dagster.ship.shipping import Shipper
+from certyo_dagster.source.mongo import APP_NAME, open_database
 from certyo_demo.catalog import TIMESTAMP_FIELD, product
+from certyo_demo.servers import SecantusServer
 from certyo_sandbox.config import DEFAULT_API_KEY, DEFAULT_TENANT, SandboxConfig
 from certyo_sandbox.server import SandboxProcess
 
@@ -47,10 +62,19 @@ WINDOW_START = datetime(2026, 4, 1, 0, 0)
 WINDOW_END = WINDOW_START + timedelta(hours=1)
 PARTITION_KEY = "2026-04-01-00:00"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SOURCE_NOTE = (
-    "documents come from an in-memory stand-in for a pymongo collection (mongomock's own "
-    "cost would swamp the measurement); write-backs are recorded, not stored"
-)
+SOURCES = ("secantus", "generated")
+SOURCE_NOTES = {
+    "secantus": (
+        "documents are read from, and written back to, one SecantusDB server (storage in a "
+        "temp dir) on loopback, loaded before the clock starts; it shares the machine's cores "
+        "with the client and the sandbox"
+    ),
+    "generated": (
+        "documents come from an in-memory stand-in for a pymongo collection; write-backs are "
+        "recorded, not stored: the client's cost with no database"
+    ),
+}
+LOAD_CHUNK = 5000
 PRELOAD_NOTE = (
     "documents are decoded from BSON before the clock starts (and gc.freeze()d); a real "
     "pymongo cursor adds "
@@ -213,6 +237,165 @@ class GeneratedDatabase(dict):
         return empty
 
 
+# -- the real server -------------------------------------------------------------------------
+
+
+class OpCounter(monitoring.CommandListener):
+    """What the client sent to MongoDB: commands by name, write statements, documents read.
+
+    Thread-safe enough for counting: the listener runs on the thread that sent the command,
+    and the counts are read only between phases or by a sampler that tolerates a stale value.
+    """
+
+    READS = frozenset({"find", "getMore", "aggregate", "count", "distinct"})
+    WRITES = frozenset({"insert", "update", "delete", "findAndModify"})
+    STATEMENTS = {"insert": "documents", "update": "updates", "delete": "deletes"}
+
+    def __init__(self) -> None:
+        self.commands: dict[str, int] = {}
+        self.statements = 0
+        self.documents_returned = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        self.commands[name] = self.commands.get(name, 0) + 1
+        key = self.STATEMENTS.get(name)
+        if key is not None:
+            self.statements += len(event.command.get(key, ()))
+        elif name == "findAndModify":
+            self.statements += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        cursor = event.reply.get("cursor") if event.command_name in self.READS else None
+        if isinstance(cursor, dict):
+            batch = cursor.get("firstBatch", cursor.get("nextBatch", ()))
+            self.documents_returned += len(batch)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        commands = dict(self.commands)
+        return {
+            "read_commands": sum(n for c, n in commands.items() if c in self.READS),
+            "write_commands": sum(n for c, n in commands.items() if c in self.WRITES),
+            "write_statements": self.statements,
+            "documents_returned": self.documents_returned,
+            "commands": commands,
+        }
+
+
+def ops_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The counts of `OpCounter.snapshot()` (or of serverStatus opcounters) in between."""
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        if isinstance(value, dict):
+            out[key] = {k: v - before.get(key, {}).get(k, 0) for k, v in value.items()}
+            out[key] = {k: v for k, v in out[key].items() if v}
+        else:
+            out[key] = value - before.get(key, 0)
+    return out
+
+
+class MongoSource:
+    """One SecantusDB server holding the catalog, and a client that counts what it sends.
+
+    The client has the options the product's `open_client` gives it (naive UTC datetimes,
+    the pipeline's appName) plus the counting listener; the database is opened with the
+    product's `open_database`.
+    """
+
+    def __init__(self) -> None:
+        # On disk in a temp dir: with in-memory storage and the 256 MB cache, SecantusDB
+        # refused inserts (WT_CACHE_FULL, "internal server error") at ~85,000 catalog documents.
+        self._storage = tempfile.TemporaryDirectory(prefix="certyo-bench-mongo-")
+        self.server = SecantusServer(Path(self._storage.name))
+        self.ops = OpCounter()
+        self.client: Any = None
+
+    def __enter__(self) -> MongoSource:
+        self.server.start()
+        self.client = pymongo.MongoClient(
+            self.server.uri, tz_aware=False, appname=APP_NAME, event_listeners=[self.ops]
+        )
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.server.stop()
+        self._storage.cleanup()
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.process.pid if self.server.process else None
+
+    @property
+    def database(self) -> Any:
+        return open_database(self.client, DATABASE)
+
+    def load(self, source: CatalogSource, name: str) -> Any:
+        """A fresh collection `name` holding every document of `source`, with the pipeline's
+        `(updatedAt, _id)` index; not timed by any phase."""
+        collection = self.database[name]
+        collection.drop()
+        chunk: list[dict[str, Any]] = []
+        for doc in source:
+            chunk.append(doc)
+            if len(chunk) == LOAD_CHUNK:
+                collection.insert_many(chunk, ordered=False)
+                chunk = []
+        if chunk:
+            collection.insert_many(chunk, ordered=False)
+        warnings = ensure_indexes(collection, spec_for(name))
+        if warnings:
+            raise SystemExit(f"cannot benchmark without the pipeline's index: {warnings}")
+        return collection
+
+    def opcounters(self) -> dict[str, int]:
+        """The server's own counters (serverStatus opcounters)."""
+        return dict(self.client.admin.command("serverStatus")["opcounters"])
+
+    def rss_mb(self, field_name: str = "VmRSS") -> float:
+        """The server process's resident memory in MB (VmHWM: its peak)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    if line.startswith(field_name + ":"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+
+def check_written_back(collection: Any, count: int, phase: str) -> None:
+    """Every document of a real collection carries the pending status of its version."""
+    pending = collection.count_documents({"certyo_status": "pending"})
+    if pending != count:
+        raise SystemExit(f"{phase}: {pending} of {count} documents written back as pending")
+
+
+def run_window(
+    database: Any,
+    name: str,
+    base_url: str,
+    *,
+    in_flight: int,
+    run_id: str,
+    partition_key: str | None = None,
+) -> IngestReport:
+    """One `ingest_*_window` run over the benchmark's partition: the product's ingest API,
+    driven from this one place."""
+    with CertyoClient(base_url, API_KEY, TENANT, pool_maxsize=in_flight) as client:
+        return WindowIngestor(
+            database=database,
+            encoder=CertyoRecordEncoder(spec_for(name), TENANT),
+            shipper=Shipper(client, TENANT, max_in_flight=in_flight),
+            run_id=run_id,
+            partition_key=partition_key,
+        ).run(WINDOW_START, WINDOW_END)
+
+
 @contextlib.contextmanager
 def file_sandbox(*, enable_fault_injection: bool = False) -> Iterator[SandboxProcess]:
     """One certyo-sandbox subprocess on a SQLite file in a fresh temp dir.
@@ -288,6 +471,12 @@ class Stopwatch:
 def catalog_parser(doc: str, *, documents: int, repeat: int) -> argparse.ArgumentParser:
     """The options every catalog-ingest benchmark takes; a script adds its own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="secantus",
+        help="secantus: a real SecantusDB server (default); generated: the in-memory stand-in",
+    )
     parser.add_argument("--documents", type=int, default=documents)
     parser.add_argument("--repeat", type=int, default=repeat, help="runs; medians are reported")
     parser.add_argument("--in-flight", type=int, default=4, help="concurrent bulk requests")

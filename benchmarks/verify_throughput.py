@@ -4,8 +4,9 @@ call at a time (how the reference verification worker works), in the same run.
 Both phases run the real `PendingVerifier` (select pending → verify call → re-hash and Merkle
 proof check → conditional write-back) against one certyo-sandbox subprocess; only
 `max_in_flight` differs. Documents are demo-catalog products, ingested first and anchored
-(the sandbox flushes every 1000 records). The MongoDB side is mongomock with the test
-suite's `_id` lookup shim (tests/fixtures/mongo.py); its cost is in both phases alike.
+(the sandbox flushes every 1000 records). The MongoDB side is one SecantusDB server
+(`certyo_demo.servers.SecantusServer`, storage in a temp dir), whose cost is in both phases
+alike.
 
 Loopback has no network latency, which is what concurrency hides; `--latency-ms` (default
 20, a typical round trip to a hosted API) makes the sandbox hold each verify response that
@@ -19,18 +20,14 @@ CPU-bound case.
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime
-from pathlib import Path
+from typing import Any
 
-import mongomock
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import fixtures.mongo  # noqa: E402,F401  (mongomock shims: bulk_write arguments, _id lookup)
-from _common import (  # noqa: E402
+from _common import (
     API_KEY,
     TENANT,
     CatalogSource,
+    MongoSource,
     Stopwatch,
     file_sandbox,
     latency,
@@ -39,16 +36,16 @@ from _common import (  # noqa: E402
     write_result,
 )
 
-from certyo_dagster.sanitize.documents import version_ms  # noqa: E402
-from certyo_dagster.sanitize.records import CertyoRecordEncoder  # noqa: E402
-from certyo_dagster.ship.client import CertyoClient  # noqa: E402
-from certyo_dagster.ship.shipping import Shipper  # noqa: E402
-from certyo_dagster.verify.pending import PendingVerifier  # noqa: E402
+from certyo_dagster.sanitize.documents import version_ms
+from certyo_dagster.sanitize.records import CertyoRecordEncoder
+from certyo_dagster.ship.client import CertyoClient
+from certyo_dagster.ship.shipping import Shipper
+from certyo_dagster.verify.pending import PendingVerifier
 
 PHASES = {"sequential (reference worker)": 1, "certyo_dagster (8 in flight)": 8}
 
 
-def pending_collection(client: CertyoClient, name: str, count: int):
+def pending_collection(client: CertyoClient, mongo: MongoSource, name: str, count: int) -> Any:
     """`count` catalog documents, ingested into Certyo and marked pending as ingestion would."""
     spec = spec_for(name)
     source = CatalogSource(count)
@@ -64,7 +61,7 @@ def pending_collection(client: CertyoClient, name: str, count: int):
             certyo_version=version_ms(doc[spec.timestamp_field]),
             certyo_ingested_at=now,
         )
-    collection = mongomock.MongoClient()["productdb"][name]
+    collection = mongo.database[name]
     collection.insert_many(docs)
     return spec, collection
 
@@ -79,12 +76,12 @@ def main() -> int:
         parser.error("--documents must be a multiple of 1000 (the sandbox anchors per 1000)")
 
     runs: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    with file_sandbox(enable_fault_injection=True) as sandbox:
+    with file_sandbox(enable_fault_injection=True) as sandbox, MongoSource() as mongo:
         client = CertyoClient(sandbox.base_url, API_KEY, TENANT, pool_maxsize=16)
         for repeat in range(args.repeat):
             for phase, in_flight in PHASES.items():
                 name = f"verify_r{repeat}_{in_flight}"
-                spec, collection = pending_collection(client, name, args.documents)
+                spec, collection = pending_collection(client, mongo, name, args.documents)
                 verifier = PendingVerifier(
                     collection=collection, spec=spec, client=client, max_in_flight=in_flight
                 )
@@ -105,7 +102,7 @@ def main() -> int:
     for phase, value in medians.items():
         print(f"  {phase:32s} {value:8,.0f} docs/s")
     print(f"  ratio certyo_dagster / sequential: {concurrent / sequential:.2f}")
-    print("  MongoDB side: mongomock with the test suite's _id lookup, in both phases")
+    print("  MongoDB side: one SecantusDB server, in both phases")
     path = write_result(
         "verify_throughput",
         {
