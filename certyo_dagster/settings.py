@@ -11,11 +11,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Literal, get_args
 
 DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
 DEFAULT_TIMESTAMP_FIELD = "updatedAt"
 DEFAULT_LOOKBACK_MINUTES = 5
+
+# How a collection's changes are read: `polling` (time windows of the timestamp field),
+# `change_stream` (MongoDB change streams) or `debezium` (Debezium's events from Kafka).
+Capture = Literal["polling", "change_stream", "debezium"]
+CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
+DEFAULT_CAPTURE = "polling"
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -32,8 +39,14 @@ class CollectionSpec:
     database: str
     collection: str
     timestamp_field: str = DEFAULT_TIMESTAMP_FIELD
+    capture: Capture = DEFAULT_CAPTURE
 
     def __post_init__(self) -> None:
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(
+                f"capture {self.capture!r} of collection {self.collection!r} must be one of "
+                f"{', '.join(CAPTURE_MODES)} (CERTYO_CAPTURE)"
+            )
         for what, value in (("database", self.database), ("collection", self.collection)):
             if not _NAME.match(value or ""):
                 raise ConfigError(
@@ -52,7 +65,9 @@ class CollectionSpec:
         return f"poll_{self.collection}"
 
 
-def parse_collections(value: str, database: str) -> list[CollectionSpec]:
+def parse_collections(
+    value: str, database: str, capture: Capture = DEFAULT_CAPTURE
+) -> list[CollectionSpec]:
     """Parse `products,orders:modifiedAt` into specs; names must be unique."""
     specs: list[CollectionSpec] = []
     for raw in value.split(","):
@@ -61,7 +76,9 @@ def parse_collections(value: str, database: str) -> list[CollectionSpec]:
             continue
         name, _, ts_field = entry.partition(":")
         specs.append(
-            CollectionSpec(database, name.strip(), ts_field.strip() or DEFAULT_TIMESTAMP_FIELD)
+            CollectionSpec(
+                database, name.strip(), ts_field.strip() or DEFAULT_TIMESTAMP_FIELD, capture
+            )
         )
     if not specs:
         raise ConfigError("CERTYO_COLLECTIONS names no collection")
@@ -138,8 +155,13 @@ class PipelineSettings:
         minute = _int(env, "CERTYO_SCHEDULE_MINUTE", 5)
         if minute > 59:
             raise ConfigError(f"CERTYO_SCHEDULE_MINUTE={minute} must be between 0 and 59")
+        capture = env.get("CERTYO_CAPTURE", "").strip().lower() or DEFAULT_CAPTURE
+        if capture not in CAPTURE_MODES:
+            raise ConfigError(
+                f"CERTYO_CAPTURE={capture!r} must be one of {', '.join(CAPTURE_MODES)}"
+            )
         return cls(
-            collections=parse_collections(collections_value, database),
+            collections=parse_collections(collections_value, database, capture),  # type: ignore[arg-type]
             partition_start=parse_partition_start(env.get("CERTYO_PARTITION_START")),
             lookback_minutes=_int(env, "CERTYO_LOOKBACK_MINUTES", DEFAULT_LOOKBACK_MINUTES),
             schedule_minute=minute,

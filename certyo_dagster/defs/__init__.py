@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 
+from certyo_dagster.defs.debezium import build_debezium_defs
 from certyo_dagster.defs.ingestion import build_ingestion_defs
 from certyo_dagster.defs.resources import default_resources
 from certyo_dagster.defs.verification import build_verification_defs
@@ -21,15 +22,17 @@ def build_collection_definitions(
     spec: CollectionSpec, settings: PipelineSettings
 ) -> dg.Definitions:
     """Everything Dagster shows for one collection (no resources)."""
-    return dg.Definitions.merge(
-        build_ingestion_defs(spec, settings), build_verification_defs(spec, settings)
-    )
+    if spec.capture == "debezium":
+        capture = build_debezium_defs(spec, settings)
+    else:
+        capture = build_ingestion_defs(spec, settings)
+    return dg.Definitions.merge(capture, build_verification_defs(spec, settings))
 
 
 def build_definitions(
     settings: PipelineSettings, resources: Mapping[str, Any] | None = None
 ) -> dg.Definitions:
-    """All collections' definitions plus the `mongo` and `certyo` resources."""
+    """All collections' definitions plus the `mongo` and `certyo` (and `kafka`) resources."""
     per_collection = [build_collection_definitions(s, settings) for s in settings.collections]
     resources = dict(resources) if resources is not None else default_resources(settings)
     return dg.Definitions.merge(*per_collection, dg.Definitions(resources=resources))

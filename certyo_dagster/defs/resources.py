@@ -1,4 +1,4 @@
-"""The `mongo` and `certyo` resources, configured from the environment through EnvVar."""
+"""The `mongo`, `certyo` and `kafka` resources, configured from the environment through EnvVar."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from certyo_dagster.settings import PipelineSettings
+from certyo_dagster.settings import ConfigError, PipelineSettings
 from certyo_dagster.ship.resource import CertyoResource
+from certyo_dagster.source.kafka import DEFAULT_TOPIC_PREFIX, KafkaResource
 from certyo_dagster.source.mongo import MongoResource
 
 SANDBOX_BASE_URL = "http://127.0.0.1:8080"
@@ -17,7 +18,7 @@ SANDBOX_TENANT_ID = "sandbox-tenant"
 
 def default_resources(settings: PipelineSettings) -> dict[str, Any]:
     database = settings.collections[0].database
-    return {
+    resources: dict[str, Any] = {
         "mongo": MongoResource(uri=dg.EnvVar("MONGO_URI"), database=database),
         "certyo": CertyoResource(
             base_url=os.environ.get("CERTYO_BASE_URL", "").strip() or SANDBOX_BASE_URL,
@@ -25,3 +26,36 @@ def default_resources(settings: PipelineSettings) -> dict[str, Any]:
             tenant_id=os.environ.get("CERTYO_TENANT_ID", "").strip() or SANDBOX_TENANT_ID,
         ),
     }
+    if any(spec.capture == "debezium" for spec in settings.collections):
+        resources["kafka"] = kafka_resource_from_env()
+    return resources
+
+
+def _optional(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None
+
+
+def kafka_resource_from_env() -> KafkaResource:
+    """The `kafka` resource: CERTYO_KAFKA_BOOTSTRAP_SERVERS (required) and CERTYO_KAFKA_*.
+
+    The password is passed as an EnvVar, so Dagster keeps it out of the run's config.
+    """
+    if not _optional("CERTYO_KAFKA_BOOTSTRAP_SERVERS"):
+        raise ConfigError(
+            "CERTYO_KAFKA_BOOTSTRAP_SERVERS must name the Kafka brokers (host:port,...) "
+            "when a collection uses capture: debezium"
+        )
+    return KafkaResource(
+        bootstrap_servers=dg.EnvVar("CERTYO_KAFKA_BOOTSTRAP_SERVERS"),
+        topic_prefix=_optional("CERTYO_KAFKA_TOPIC_PREFIX") or DEFAULT_TOPIC_PREFIX,
+        group_id=_optional("CERTYO_KAFKA_GROUP_ID"),
+        security_protocol=_optional("CERTYO_KAFKA_SECURITY_PROTOCOL"),
+        sasl_mechanism=_optional("CERTYO_KAFKA_SASL_MECHANISM"),
+        sasl_username=_optional("CERTYO_KAFKA_SASL_USERNAME"),
+        sasl_password=(
+            dg.EnvVar("CERTYO_KAFKA_SASL_PASSWORD")
+            if _optional("CERTYO_KAFKA_SASL_PASSWORD")
+            else None
+        ),
+        ssl_ca_location=_optional("CERTYO_KAFKA_SSL_CA_LOCATION"),
+    )

@@ -14,6 +14,7 @@ from pydantic import Field
 from pymongo.errors import PyMongoError
 
 from certyo_dagster.capture.polling import ensure_indexes
+from certyo_dagster.defs.debezium import debezium_key
 from certyo_dagster.defs.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
 from certyo_dagster.defs.schedules import ACTIVE_RUN_STATUSES, default_status
 from certyo_dagster.sanitize.documents import iso_utc
@@ -83,7 +84,9 @@ def verification_keys(spec: CollectionSpec) -> dict[str, dg.AssetKey]:
 
 def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     keys = verification_keys(spec)
-    receipts = asset_keys(spec)["ingestion_receipts"]
+    receipts = (
+        debezium_key(spec) if spec.capture == "debezium" else asset_keys(spec)["ingestion_receipts"]
+    )
     group = spec.collection
 
     @dg.asset(
