@@ -13,6 +13,7 @@ import json
 import orjson
 import pytest
 from bson import Binary, Decimal128, Int64, ObjectId, Timestamp
+from fixtures.kafka import captured
 
 from certyo_dagster.capture.debezium import (
     BAD_JSON,
@@ -33,7 +34,6 @@ from certyo_dagster.capture.debezium import (
 from certyo_dagster.prove.hashing import record_hash
 from certyo_dagster.sanitize.documents import sanitize_document
 from certyo_dagster.settings import CollectionSpec
-from fixtures.kafka import captured
 
 SPEC = CollectionSpec("productdb", "products", capture="debezium")
 
