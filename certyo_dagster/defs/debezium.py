@@ -167,6 +167,7 @@ def _counts(report: DebeziumReport) -> dict:
             {str(p): o for p, o in sorted(report.committed.items())}
         ),
         "failed_commits": report.failed_commits,
+        "partition_assignments": report.rebalances,
         "caught_up": report.caught_up,
         "messages_per_second": round(report.messages_per_second, 1),
         "elapsed_seconds": round(report.elapsed_seconds, 3),

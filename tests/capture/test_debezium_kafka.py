@@ -96,12 +96,13 @@ def _harness(p, point: str, **options) -> subprocess.Popen:
 
 
 def _finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """The exit status and the output (stdout last: the counts line ends it)."""
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         out, err = process.communicate()
-    return process.returncode, out + err
+    return process.returncode, err + out
 
 
 def test_consumer_sigkilled_mid_batch_three_times_loses_nothing_and_only_replays(
@@ -117,9 +118,9 @@ def test_consumer_sigkilled_mid_batch_three_times_loses_nothing_and_only_replays
         assert code == -signal.SIGKILL, output
         committed.append(committed_offsets(p.broker.bootstrap, p.group(), p.topic())[0])
     # Each killed run committed only the batches Certyo had acknowledged before it died.
-    assert committed == sorted(committed)
+    assert committed == sorted(committed) and committed[0] > 0, committed
     result = _counts(p.run(batch_size=12))
-    assert result["caught_up"] is True and result["replayed"] > 0
+    assert result["caught_up"] is True
     counts = ledger.check()
     counts.assert_clean("debezium: SIGKILL x3")
     assert counts.replays > 0
@@ -130,22 +131,25 @@ def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
 ):
     p = make_debezium_pipeline(secantus_db, sandbox, kafka_broker, partitions=2)
     ledger = p.ledger()
-    _history(ledger, documents=60)
+    _history(ledger, documents=40)
     ledger.send()
-    first = _harness(p, "none", batch_size=10, slow_ms=150, max_seconds=40)
+    first = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
     # The second member joins while the first is mid-way: the group rebalances.
     deadline = time.monotonic() + 60
-    while sandbox.stats().get("records_ingested", 0) == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    second = _harness(p, "none", batch_size=10, slow_ms=150, max_seconds=40)
+    while sandbox.stats()["records_stored"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
     results = []
     for process in (first, second):
         code, output = _finish(process)
         assert code == 0, output
         results.append(json.loads(output.strip().splitlines()[-1]))
     assert all(r["success"] for r in results), results
-    # Both members read messages: the partitions were shared after the rebalance.
+    # Both members read messages: the partitions were shared after the rebalance, which
+    # took the first member's partition away mid-way and assigned again.
     assert all(r["messages"] > 0 for r in results), results
+    assert results[0]["partition_assignments"] >= 2, results
+    print("overlapping runs:", [(r["messages"], r["replayed"]) for r in results])
     final = _counts(p.run())
     assert final["caught_up"] is True
     counts = ledger.check()
