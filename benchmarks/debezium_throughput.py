@@ -102,6 +102,11 @@ def _bulk_body(records: list[bytes]) -> bytes:
     )
 
 
+def _bulk_body(records: list[bytes]) -> bytes:
+    head = b'{"tenantId":' + orjson.dumps(TENANT) + b',"records":['
+    return b"".join((head, b",".join(records), b"]}"))
+
+
 def produce_all(bootstrap: str, topic: str, source: CatalogSource) -> list[bytes]:
     """Send every envelope to the topic; return the records' bulk bodies for the limit."""
     limit_spec = CollectionSpec(DATABASE, "products_limit", TIMESTAMP_FIELD, capture="debezium")
@@ -118,15 +123,15 @@ def produce_all(bootstrap: str, topic: str, source: CatalogSource) -> list[bytes
                 break
             except BufferError:
                 producer.poll(0.05)
+        # The limit's records are for another collection name: their idempotency keys must
+        # not turn the debezium phase's records into replays.
         change = parse_message(key, value, spec())
-        records.append(encode_change(change, spec(), TENANT).json)
+        records.append(encode_change(change, limit_spec, TENANT).json)
         if len(records) == BULK:
-            bodies.append(
-                b'{"tenantId":"%s","records":[%s]}' % (TENANT.encode(), b",".join(records))
-            )
+            bodies.append(_bulk_body(records))
             records = []
     if records:
-        bodies.append(b'{"tenantId":"%s","records":[%s]}' % (TENANT.encode(), b",".join(records)))
+        bodies.append(_bulk_body(records))
     if producer.flush(60):
         raise SystemExit("the broker did not store every envelope")
     return bodies

@@ -274,3 +274,26 @@ def test_verification_labels_the_shipped_documents_anchored(debezium_pipeline):
     audit = p.run_job("tamper_audit_products", raise_on_error=False)
     [check] = [c for c in audit.get_asset_check_evaluations() if not c.passed]
     assert check is not None
+
+
+def test_the_kafka_password_appears_in_no_event_log_or_metadata(
+    secantus_db, sandbox, kafka_broker, monkeypatch
+):
+    import dagster as dg
+
+    monkeypatch.setenv("TEST_KAFKA_PASSWORD", "kafka-pw-never-logged")
+    p = make_debezium_pipeline(
+        secantus_db,
+        sandbox,
+        kafka_broker,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="certyo",
+        sasl_password=dg.EnvVar("TEST_KAFKA_PASSWORD"),
+    )
+    # The broker does not speak SASL: the run gets no partition and ends, or fails.
+    result = p.run(raise_on_error=False, max_seconds=8)
+    text = "\n".join(repr(event) for event in result.all_events)
+    logs = p.instance.all_logs(result.run_id)
+    text += "\n".join(repr(entry) for entry in logs)
+    assert "kafka-pw-never-logged" not in text
