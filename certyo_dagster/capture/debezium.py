@@ -144,28 +144,9 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
-def _bson_values(value: Any) -> Any:
-    """orjson's parse of Extended JSON with each `{"$…": …}` object made its BSON value.
-
-    The same result as `json_util.loads`, which calls `json_util.object_hook` on every object;
-    the hook returns an object without a `$` key unchanged, so it is called only where one is
-    present. Parsing with orjson first makes this several times faster.
-    """
-    cls = type(value)
-    if cls is dict:
-        converted = {k: _bson_values(v) for k, v in value.items()}
-        for k in converted:
-            if k[:1] == "$":
-                return json_util.object_hook(converted, JSON_OPTIONS)
-        return converted
-    if cls is list:
-        return [_bson_values(v) for v in value]
-    return value
-
-
 def ejson_loads(text: str) -> Any:
-    """Extended JSON (as Debezium writes it) to BSON types, like `bson.json_util.loads`."""
-    return _bson_values(orjson.loads(text))
+    """Extended JSON (as Debezium writes it) to BSON types, as pymongo would return them."""
+    return json_util.loads(text, json_options=JSON_OPTIONS)
 
 
 def _ejson(text: Any, what: str, doc_id: Any = None) -> Any:

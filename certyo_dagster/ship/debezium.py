@@ -10,6 +10,9 @@ the partitions the group gives it and, for each batch:
    shipped version, so verify_<c>, anchoring_status and tamper_audit work as for polling;
 5. only then commits, per partition, the offset after the batch's last message.
 
+While one batch is being shipped, the next is read and parsed (steps 1 and 2), but batches
+are shipped, written back and committed strictly one after the other, in Kafka order.
+
 A failure anywhere before step 5 commits nothing: the next run (or the member that takes the
 partition over) reads the same messages again and Certyo answers with idempotent replays,
 because each record's idempotency key comes from the change's source position, not from the
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -87,6 +91,7 @@ class DebeziumReport:
     rebalances: int = 0
     caught_up: bool = False
     elapsed_seconds: float = 0.0
+    first_message_seconds: float | None = None  # from the start to the first message read
     committed: dict[int, int] = field(default_factory=dict)  # partition → next offset
     operations: dict[str, int] = field(default_factory=dict)
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
@@ -167,6 +172,17 @@ def ship_in_order(client: Any, tenant_id: str, records: Sequence[ChangeRecord]) 
 
 
 @dataclass
+class _Batch:
+    """Messages read together: shipped, written back and committed as one."""
+
+    messages: list
+    items: list[_Item] = field(default_factory=list)
+    to_ship: list[_Item] = field(default_factory=list)
+    records: list[ChangeRecord] = field(default_factory=list)
+    future: Future | None = None
+
+
+@dataclass
 class _Item:
     """One message of a batch and what became of it."""
 
@@ -217,6 +233,7 @@ class DebeziumIngestor:
         self._assigned: set[int] = set()
         self._at_end: set[int] = set()
         self._open_letters = False
+        self._pending: _Batch | None = None
 
     # -- the consume loop ------------------------------------------------------------------
 
@@ -239,10 +256,15 @@ class DebeziumIngestor:
             self._at_end -= {p.partition for p in partitions}
 
         def on_revoke(_consumer: Any, partitions: list) -> None:
-            # Nothing is in flight here: a batch is shipped and committed before the next
-            # poll, and callbacks run only inside poll. So revoking loses no progress.
+            # Callbacks run inside consume(), on this thread. The batch in flight is finished
+            # (acknowledged, written back, committed) before its partitions go to another
+            # member, so a rebalance loses no progress and causes no re-read.
+            if self._pending is not None:
+                batch, self._pending = self._pending, None
+                self._finish(consumer, batch, report)
             self._assigned -= {p.partition for p in partitions}
 
+        pool = ThreadPoolExecutor(1, thread_name_prefix="certyo-debezium")
         try:
             consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
             unassigned_since = time.monotonic()
@@ -260,12 +282,22 @@ class DebeziumIngestor:
                     elif error.fatal() or not error.retriable():
                         raise ck.KafkaException(error)
                 if batch:
-                    self._process(consumer, batch, report)
-                    # Messages after the batch may already be known at the end; a partition
-                    # that gave messages is at its end again only when EOF follows them.
+                    if report.first_message_seconds is None:
+                        report.first_message_seconds = time.monotonic() - began
+                    # Parse and encode this batch while the previous one is being shipped;
+                    # batches are still shipped, written back and committed one by one.
+                    prepared = self._prepare(batch, report)
+                    self._finish_pending(consumer, report)
+                    if prepared.records:
+                        report.sent += len(prepared.records)
+                        prepared.future = pool.submit(
+                            ship_in_order, self.client, self.tenant_id, prepared.records
+                        )
+                    self._pending = prepared
                 if self._assigned:
                     unassigned_since = time.monotonic()
                     if not batch and self._assigned <= self._at_end:
+                        self._finish_pending(consumer, report)
                         report.caught_up = True
                         break
                 elif time.monotonic() - unassigned_since > self.unassigned_seconds:
@@ -275,12 +307,16 @@ class DebeziumIngestor:
                         "owns them all)"
                     )
                     break
+            self._finish_pending(consumer, report)
         except DebeziumIngestError:
             raise
         except Exception as exc:
             report.elapsed_seconds = time.monotonic() - began
             raise DebeziumIngestError(self._describe(exc, report), report) from exc
         finally:
+            # After a failure the batch in flight is not committed: it is read again.
+            self._pending = None
+            pool.shutdown(wait=True)
             # Leaving the group at once hands the partitions over without a session timeout.
             try:
                 consumer.close()
@@ -300,14 +336,14 @@ class DebeziumIngestor:
 
     # -- one batch ---------------------------------------------------------------------------
 
-    def _process(self, consumer: Any, messages: list, report: DebeziumReport) -> None:
+    def _prepare(self, messages: list, report: DebeziumReport) -> _Batch:
+        """Parse and encode a batch; poison messages become dead letters here."""
         report.batches += 1
         report.messages += len(messages)
-        items: list[_Item] = []
-        to_ship: list[_Item] = []
+        batch = _Batch(messages)
         for message in messages:
             item = _Item(message.partition(), message.offset())
-            items.append(item)
+            batch.items.append(item)
             try:
                 parsed = parse_message(message.key(), message.value(), self.spec)
             except DebeziumPoisonError as exc:
@@ -331,13 +367,21 @@ class DebeziumIngestor:
                 self._dead_letter(message, exc.reason, str(exc), parsed.doc_id, None, report)
                 continue
             item.change, item.record = parsed, record
-            to_ship.append(item)
-        if to_ship:
-            records = [i.record for i in to_ship]
-            report.sent += len(records)
-            shipped = ship_in_order(self.client, self.tenant_id, records)
-            self._complete(to_ship, shipped, messages, report)
-        self._commit(consumer, items, report)
+            batch.to_ship.append(item)
+        batch.records = [i.record for i in batch.to_ship]
+        return batch
+
+    def _finish_pending(self, consumer: Any, report: DebeziumReport) -> None:
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            self._finish(consumer, batch, report)
+
+    def _finish(self, consumer: Any, batch: _Batch, report: DebeziumReport) -> None:
+        """Wait for Certyo's answer, write back, then commit the batch's offsets."""
+        if batch.future is not None:
+            shipped = batch.future.result()
+            self._complete(batch.to_ship, shipped, batch.messages, report)
+        self._commit(consumer, batch.items, report)
 
     def _complete(
         self, items: list[_Item], shipped: Shipped, messages: list, report: DebeziumReport
