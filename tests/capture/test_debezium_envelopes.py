@@ -251,28 +251,3 @@ def test_poison_messages_are_named():
     _poison(message["key"], json.dumps(other), WRONG_COLLECTION)
     broken_after = {**value, "after": '{"_id": {"$oid": "zz"}}'}
     _poison(message["key"], json.dumps(broken_after), BAD_JSON)
-
-
-def test_extended_json_parses_exactly_as_bson_json_util_does():
-    from bson import json_util
-
-    from certyo_dagster.capture.debezium import JSON_OPTIONS, ejson_loads
-
-    texts = []
-    for name in ("schemas_off", "schemas_on", "restart"):
-        for message in captured(name):
-            texts.append(
-                json.loads(message["key"]).get("payload", json.loads(message["key"]))["id"]
-            )
-            if message["value"] is None:
-                continue
-            value = json.loads(message["value"])
-            value = value.get("payload", value)
-            if value["after"]:
-                texts.append(value["after"])
-            if value["updateDescription"]:
-                texts.append(value["updateDescription"]["updatedFields"])
-    texts.append('{"r": {"$ref": "c", "$id": 1}, "x": {"$regex": "a", "$options": "i"}}')
-    texts.append('{"n": {"$numberDouble": "NaN"}, "m": {"$minKey": 1}, "k": [{"$numberInt": "3"}]}')
-    for text in texts:
-        assert repr(ejson_loads(text)) == repr(json_util.loads(text, json_options=JSON_OPTIONS))
