@@ -16,9 +16,10 @@ from typing import Any, Literal, get_args
 DEFAULT_DATABASE = "productdb"
 DEFAULT_COLLECTIONS = "products"
 DEFAULT_TIMESTAMP_FIELD = "updatedAt"
-# How a collection's changes are captured (the component's `capture` attribute and
-# CERTYO_CAPTURE use it).
-Capture = Literal["polling", "change_stream"]
+# How a collection's changes are read (the component's `capture` attribute and
+# CERTYO_CAPTURE): `polling` (time windows of the timestamp field), `change_stream` (MongoDB
+# change streams) or `debezium` (Debezium's events from Kafka).
+Capture = Literal["polling", "change_stream", "debezium"]
 CAPTURE_MODES: tuple[str, ...] = get_args(Capture)
 DEFAULT_CAPTURE: Capture = "polling"
 DEFAULT_LOOKBACK_MINUTES = 5
@@ -127,7 +128,7 @@ class CollectionSpec:
 
 
 def parse_capture(value: str | None) -> Capture:
-    """`CERTYO_CAPTURE`: polling (the default) or change_stream."""
+    """`CERTYO_CAPTURE`: polling (the default), change_stream or debezium."""
     raw = (value or "").strip().lower()
     if not raw:
         return DEFAULT_CAPTURE

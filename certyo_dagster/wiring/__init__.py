@@ -13,6 +13,7 @@ import dagster as dg
 
 from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.wiring.change_stream import build_change_stream_defs
+from certyo_dagster.wiring.debezium import build_debezium_defs
 from certyo_dagster.wiring.ingestion import build_ingestion_defs
 from certyo_dagster.wiring.proofs import build_proof_defs
 from certyo_dagster.wiring.resources import default_resources
@@ -23,10 +24,14 @@ def build_collection_definitions(
     spec: CollectionSpec, settings: PipelineSettings
 ) -> dg.Definitions:
     """Everything Dagster shows for one collection (no resources)."""
+    # Proof bundles and the hourly count check read the polling receipts' hours.
     if spec.is_change_stream:
-        # Proof bundles and the hourly count check read the polling receipts' hours.
         return dg.Definitions.merge(
             build_change_stream_defs(spec, settings), build_verification_defs(spec, settings)
+        )
+    if spec.capture == "debezium":
+        return dg.Definitions.merge(
+            build_debezium_defs(spec, settings), build_verification_defs(spec, settings)
         )
     return dg.Definitions.merge(
         build_ingestion_defs(spec, settings),

@@ -46,6 +46,7 @@ from certyo_dagster.verify.pending import (
     latency_percentiles,
     oldest_pending_age,
 )
+from certyo_dagster.wiring.debezium import debezium_key
 from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES, default_status
 
@@ -101,7 +102,9 @@ def verification_keys(spec: CollectionSpec) -> dict[str, dg.AssetKey]:
 
 def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     keys = verification_keys(spec)
-    receipts = asset_keys(spec)["ingestion_receipts"]
+    receipts = (
+        debezium_key(spec) if spec.capture == "debezium" else asset_keys(spec)["ingestion_receipts"]
+    )
     group = spec.collection
 
     @dg.asset(

@@ -1,0 +1,294 @@
+"""Debezium capture throughput: raw Kafka consume rate, sandbox limit and debezium_<c>.
+
+One run starts one Tansu broker (certyo_demo.servers.KafkaBroker) and one sandbox subprocess,
+produces N Debezium MongoDB envelopes (schemas off, the captured shape) of catalog documents
+to one partition before any clock starts, then measures on that same broker and sandbox:
+
+- raw: a confluent-kafka consumer reads all N messages (no parsing): the broker's limit;
+- limit: the same documents' Certyo records, encoded before the clock, POSTed in 1000-record
+  bulk calls one at a time (the capture ships in order, one request in flight);
+- debezium: `DebeziumIngestor` (what debezium_<c> runs) as a fresh consumer-group member:
+  consume, parse, sanitize, ship in order, write back, commit per batch.
+The target is debezium ≥ 0.7 × the lower of raw and limit, with memory flat: RSS is sampled
+while the ingestor runs and the growth from 25 % to 100 % of the messages is reported.
+The write-back goes to an in-memory stand-in (benchmarks/_common.py), not to MongoDB.
+
+    .venv/bin/python benchmarks/debezium_throughput.py --documents 30000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import orjson
+from _common import (
+    API_KEY,
+    DATABASE,
+    TENANT,
+    CatalogSource,
+    GeneratedCollection,
+    GeneratedDatabase,
+    Stopwatch,
+    catalog_parser,
+    file_sandbox,
+    median,
+    rss_mb,
+    write_result,
+)
+from bson import json_util
+from bson.json_util import DatetimeRepresentation, JSONMode, JSONOptions
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from ingest_throughput import run_limit
+
+from certyo_dagster.capture.debezium import encode_change, parse_message
+from certyo_dagster.settings import CollectionSpec
+from certyo_dagster.ship.client import CertyoClient
+from certyo_dagster.ship.debezium import DebeziumIngestor
+from certyo_dagster.source.kafka import KafkaResource
+from certyo_demo.catalog import TIMESTAMP_FIELD
+from certyo_demo.servers import KafkaBroker
+
+BULK = 1000
+COLLECTION = "products"
+_EJSON = JSONOptions(
+    json_mode=JSONMode.LEGACY, datetime_representation=DatetimeRepresentation.LEGACY
+)
+SOURCE_NOTE = (
+    "the write-back goes to an in-memory stand-in for a pymongo collection; messages are "
+    "Debezium MongoDB envelopes (schemas off) of demo-catalog documents"
+)
+
+
+def spec() -> CollectionSpec:
+    return CollectionSpec(DATABASE, COLLECTION, TIMESTAMP_FIELD, capture="debezium")
+
+
+def envelope(doc: dict, n: int) -> tuple[bytes, bytes]:
+    ts_ms = 1_775_000_000_000 + n
+    source = {
+        "version": "3.6.3.Final",
+        "connector": "mongodb",
+        "name": "certyo",
+        "ts_ms": ts_ms,
+        "snapshot": "false",
+        "db": DATABASE,
+        "sequence": None,
+        "ts_us": ts_ms * 1000,
+        "ts_ns": ts_ms * 1_000_000,
+        "collection": COLLECTION,
+        "ord": 1 + n % 1000,
+        "lsid": None,
+        "txnNumber": None,
+        "wallTime": ts_ms,
+    }
+    value = {
+        "before": None,
+        "after": json_util.dumps(doc, json_options=_EJSON),
+        "updateDescription": None,
+        "source": source,
+        "op": "c",
+        "ts_ms": ts_ms + 40,
+        "transaction": None,
+    }
+    key = {"id": json_util.dumps(doc["_id"], json_options=_EJSON)}
+    return orjson.dumps(key), orjson.dumps(value)
+
+
+def _bulk_body(records: list[bytes]) -> bytes:
+    return b"".join(
+        (b'{"tenantId":', orjson.dumps(TENANT), b',"records":[', b",".join(records), b"]}")
+    )
+
+
+def _bulk_body(records: list[bytes]) -> bytes:
+    head = b'{"tenantId":' + orjson.dumps(TENANT) + b',"records":['
+    return b"".join((head, b",".join(records), b"]}"))
+
+
+def produce_all(bootstrap: str, topic: str, source: CatalogSource) -> list[bytes]:
+    """Send every envelope to the topic; return the records' bulk bodies for the limit."""
+    limit_spec = CollectionSpec(DATABASE, "products_limit", TIMESTAMP_FIELD, capture="debezium")
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=1)]).values():
+        future.result(10)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    bodies, records = [], []
+    for n, doc in enumerate(source):
+        key, value = envelope(doc, n)
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        # The limit's records are for another collection name: their idempotency keys must
+        # not turn the debezium phase's records into replays.
+        change = parse_message(key, value, spec())
+        records.append(encode_change(change, limit_spec, TENANT).json)
+        if len(records) == BULK:
+            bodies.append(_bulk_body(records))
+            records = []
+    if records:
+        bodies.append(_bulk_body(records))
+    if producer.flush(60):
+        raise SystemExit("the broker did not store every envelope")
+    return bodies
+
+
+def raw_consume(bootstrap: str, topic: str, count: int) -> int:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "raw-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 100,
+        }
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    seen = 0
+    try:
+        while seen < count:
+            for message in consumer.consume(1000, timeout=1.0):
+                error = message.error()
+                if error is None:
+                    seen += 1
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    raise SystemExit(f"raw consume failed: {error}")
+    finally:
+        consumer.close()
+    return seen
+
+
+class _Collection(GeneratedCollection):
+    def bulk_write(self, ops: list, ordered: bool = True) -> Any:
+        super().bulk_write(ops, ordered)
+        return type("Result", (), {"modified_count": len(ops)})()
+
+
+def run_debezium(bootstrap: str, base_url: str, source: CatalogSource, run: int) -> dict:
+    collection = _Collection(source)
+    database = GeneratedDatabase({COLLECTION: collection})
+    samples: list[tuple[int, float]] = []
+    stop = threading.Event()
+    with CertyoClient(base_url, API_KEY, TENANT) as client:
+        ingestor = DebeziumIngestor(
+            database=database,
+            spec=spec(),
+            kafka=KafkaResource(bootstrap_servers=bootstrap, group_id=f"bench-{run}"),
+            client=client,
+            tenant_id=TENANT,
+            run_id="benchmark",
+            max_messages=source.count,
+            max_seconds=600,
+            batch_size=BULK,
+        )
+        report_box: list = []
+
+        def sample() -> None:
+            while not stop.wait(0.2):
+                samples.append((collection.log.updates, rss_mb()))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        report_box.append(ingestor.run())
+        stop.set()
+        sampler.join()
+    report = report_box[0]
+    if report.accepted + report.replayed != source.count or collection.log.updates != source.count:
+        raise SystemExit(
+            f"debezium: {report.accepted} accepted, {collection.log.updates} written back of "
+            f"{source.count}"
+        )
+    if collection.log.out_of_order:
+        raise SystemExit(f"debezium: {collection.log.out_of_order} write-backs out of order")
+    quarter = [rss for done, rss in samples if done >= source.count // 4]
+    reading = report.elapsed_seconds - (report.first_message_seconds or 0.0)
+    return {
+        "messages": report.messages,
+        "group_join_seconds": report.first_message_seconds or 0.0,
+        "per_second_after_join": report.messages / reading if reading > 0 else float("nan"),
+        "rss_at_25_percent_mb": quarter[0] if quarter else float("nan"),
+        "rss_at_end_mb": samples[-1][1] if samples else float("nan"),
+        "rss_growth_mb": (samples[-1][1] - quarter[0]) if quarter else float("nan"),
+    }
+
+
+PHASES = ("raw", "limit", "debezium")
+
+
+def one_run(source: CatalogSource, run: int, in_flight: int) -> dict[str, dict[str, float]]:
+    phases: dict[str, dict[str, float]] = {}
+    topic = f"certyo.{DATABASE}.{COLLECTION}"
+    with KafkaBroker() as broker, file_sandbox() as sandbox:
+        bodies = produce_all(broker.bootstrap, topic, source)
+        for phase in PHASES:
+            extra: dict[str, float] = {}
+            with Stopwatch(sandbox.pid) as watch:
+                if phase == "raw":
+                    count = raw_consume(broker.bootstrap, topic, source.count)
+                elif phase == "limit":
+                    count = run_limit(sandbox.base_url, bodies, 1)
+                else:
+                    extra = run_debezium(broker.bootstrap, sandbox.base_url, source, run)
+                    count = source.count
+            phases[phase] = {"per_second": count / watch.wall, "seconds": watch.wall, **extra}
+            print(
+                f"  run {run + 1} {phase:>14}: {count / watch.wall:9,.0f} msgs/s "
+                f"({watch.wall:5.1f} s)"
+                + (
+                    f"; {extra['per_second_after_join']:,.0f} msgs/s after the group join "
+                    f"({extra['group_join_seconds']:.1f} s)"
+                    f"; RSS {extra['rss_at_25_percent_mb']:.0f} MB at 25 %, "
+                    f"{extra['rss_at_end_mb']:.0f} MB at the end"
+                    if extra
+                    else ""
+                ),
+                flush=True,
+            )
+    return phases
+
+
+def main() -> None:
+    parser = catalog_parser(__doc__, documents=30_000, repeat=3)
+    args = parser.parse_args()
+    source = CatalogSource(args.documents, pool=args.pool)
+    print(f"{args.documents:,} Debezium envelopes of catalog documents, one partition")
+    print(f"note: {SOURCE_NOTE}")
+    runs = [one_run(source, run, args.in_flight) for run in range(args.repeat)]
+    medians = {
+        phase: {key: median([r[phase][key] for r in runs]) for key in runs[0][phase]}
+        for phase in PHASES
+    }
+    lower = [min(r["raw"]["per_second"], r["limit"]["per_second"]) for r in runs]
+    ratio = median([r["debezium"]["per_second"] / low for r, low in zip(runs, lower, strict=True)])
+    steady = median(
+        [r["debezium"]["per_second_after_join"] / low for r, low in zip(runs, lower, strict=True)]
+    )
+    growth = medians["debezium"]["rss_growth_mb"]
+    print(f"medians of {args.repeat} runs:")
+    for phase in PHASES:
+        print(f"  {phase:>14}: {medians[phase]['per_second']:9,.0f} msgs/s")
+    print(f"  debezium / lower limit (raw, limit): {ratio:.2f}  (target >= 0.7)")
+    print(f"  the same after the group join:       {steady:.2f}")
+    print(f"  RSS growth from 25 % to 100 % of the messages: {growth:+.1f} MB")
+    path = write_result(
+        "debezium_throughput",
+        {
+            "documents": args.documents,
+            "repeat": args.repeat,
+            "in_flight": args.in_flight,
+            "notes": [SOURCE_NOTE],
+            "median": medians,
+            "ratio_debezium_over_lower_limit": ratio,
+            "ratio_after_group_join": steady,
+            "runs": runs,
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""Debezium MongoDB change events (JSON converter, schemas on or off) as Certyo records.
+
+Pure functions, no I/O: one Kafka message's key and value bytes in, a `Change` (or a reason
+to skip it, or a `DebeziumPoisonError`) out, then the Certyo record of a `Change`.
+
+What Debezium 3.x's MongoDB connector sends (docs/debezium.md shows one of each):
+- key `{"id": "<Extended JSON of _id>"}`; value `{before, after, updateDescription, source, op,
+  ts_ms, transaction}`, each wrapped as `{"schema": …, "payload": …}` when the converter's
+  `schemas.enable` is on;
+- `after` and `updateDescription.updatedFields` are Extended JSON strings. They are parsed with
+  `bson.json_util` into BSON types and then sanitized exactly like a document read from
+  MongoDB, so a version has the same record hash whichever capture mode read it;
+- with `capture.mode=change_streams_update_full`, `after` of an update is the document as a
+  lookup found it when Debezium read the event, not that update's own result. It is null when
+  the document was gone by then (deleted in the same transaction, or while Debezium was down);
+- a delete is followed by a tombstone (same key, value null), which carries nothing to prove.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+import orjson
+from bson import json_util
+from bson.binary import UuidRepresentation
+from bson.errors import BSONError
+from bson.json_util import JSONOptions
+
+from certyo_dagster.sanitize.documents import (
+    CERTYO_FIELD_PREFIX,
+    PoisonDocumentError,
+    iso_utc,
+    sanitize_document,
+    sanitize_value,
+    version_ms,
+)
+from certyo_dagster.sanitize.records import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_IDEMPOTENCY_KEY_BYTES,
+    record_id_of,
+)
+from certyo_dagster.settings import CollectionSpec
+
+# Debezium's op codes and the Certyo operationType of each (the change-stream mapping).
+OPERATIONS = {"r": "upsert", "c": "insert", "u": "update", "d": "delete"}
+KEY_PREFIX = "dbz"
+SNAPSHOT_VERSION_PREFIX = "snapshot"
+_DIGEST_CHARS = 16
+
+# The BSON types pymongo gives our MongoClient (tz_aware=False, UUIDs as Binary subtype 4), so
+# a document parsed from Debezium's Extended JSON sanitizes exactly like one read directly.
+JSON_OPTIONS = JSONOptions(tz_aware=False, uuid_representation=UuidRepresentation.UNSPECIFIED)
+
+# Poison reasons (dead-letter `reason` codes).
+BAD_JSON = "bad_json"
+NOT_AN_ENVELOPE = "not_an_envelope"
+UNKNOWN_OP = "unknown_op"
+BAD_KEY = "bad_key"
+KEY_MISMATCH = "key_mismatch"
+WRONG_COLLECTION = "wrong_collection"
+BAD_SOURCE = "bad_source"
+
+# Reasons a message is skipped without a record.
+TOMBSTONE = "tombstone"
+OWN_WRITE_BACK = "own_write_back"
+
+
+class DebeziumPoisonError(ValueError):
+    """A message that cannot become a Certyo record. `.reason` is the dead-letter code."""
+
+    def __init__(self, reason: str, message: str, doc_id: Any = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.doc_id = doc_id
+
+
+@dataclass(frozen=True)
+class SourcePosition:
+    """Where a change sits in MongoDB's history, from the envelope's `source` block.
+
+    Streamed events carry the oplog time in `ts_ms` and the cluster-time increment in `ord`;
+    all operations of one transaction share both and add `lsid` and `txnNumber`. Snapshot
+    reads (`op: r`) carry the read time and `ord: -1`, so they have no stable position.
+    """
+
+    ts_ms: int
+    ord: int
+    lsid: str | None = None
+    txn_number: int | None = None
+    snapshot: bool = False
+
+    def label(self) -> str:
+        return f"{self.ts_ms}.{self.ord}"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One Debezium change event of one document."""
+
+    op: str  # r, c, u, d
+    doc_id: Any  # the BSON _id, parsed from the key
+    record_id: str
+    document: dict | None  # `after` as BSON types; None for deletes and an after-null update
+    update_description: dict | None  # updatedFields (BSON types), removedFields, truncatedArrays
+    position: SourcePosition
+    # The envelope's own text of what this event changed, the part of the idempotency key that
+    # tells apart two events at one position (two operations of one transaction).
+    content: str
+
+    @property
+    def operation(self) -> str:
+        return OPERATIONS[self.op]
+
+    @property
+    def source_time(self) -> datetime:
+        return datetime.fromtimestamp(self.position.ts_ms / 1000, tz=timezone.utc)
+
+
+class Skip(NamedTuple):
+    """A message that needs no record: a tombstone, or an update of our own fields only."""
+
+    reason: str
+    doc_id: Any = None
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def _json(raw: bytes | str, what: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DebeziumPoisonError(BAD_JSON, f"the {what} is not JSON: {exc}") from None
+
+
+def _unwrap(value: Any) -> Any:
+    """The payload of `{"schema": …, "payload": …}` (schemas.enable=true), else the value."""
+    if type(value) is dict and "payload" in value and "schema" in value:
+        return value["payload"]
+    return value
+
+
+def ejson_loads(text: str) -> Any:
+    """Extended JSON (as Debezium writes it) to BSON types, as pymongo would return them."""
+    return json_util.loads(text, json_options=JSON_OPTIONS)
+
+
+def _ejson(text: Any, what: str, doc_id: Any = None) -> Any:
+    if not isinstance(text, str):
+        raise DebeziumPoisonError(
+            NOT_AN_ENVELOPE, f"{what} must be an Extended JSON string", doc_id
+        )
+    try:
+        return ejson_loads(text)
+    except (ValueError, TypeError, KeyError, OverflowError, BSONError) as exc:
+        raise DebeziumPoisonError(
+            BAD_JSON, f"{what} is not valid Extended JSON: {exc}", doc_id
+        ) from None
+
+
+def parse_key(key: bytes | str | None) -> Any:
+    """The `_id` in a Debezium key `{"id": "<Extended JSON>"}` (with or without schema)."""
+    if key is None:
+        raise DebeziumPoisonError(BAD_KEY, "the message has no key")
+    parsed = _unwrap(_json(key, "key"))
+    if type(parsed) is not dict or "id" not in parsed:
+        raise DebeziumPoisonError(BAD_KEY, 'the key is not {"id": "<Extended JSON of _id>"}')
+    return _ejson(parsed["id"], "the key's id")
+
+
+def _position(source: Any, doc_id: Any) -> SourcePosition:
+    if type(source) is not dict:
+        raise DebeziumPoisonError(BAD_SOURCE, "the envelope has no source block", doc_id)
+    ts_ms, order = source.get("ts_ms"), source.get("ord")
+    if type(ts_ms) is not int or type(order) is not int:
+        raise DebeziumPoisonError(
+            BAD_SOURCE, "source.ts_ms and source.ord must be integers", doc_id
+        )
+    txn = source.get("txnNumber")
+    lsid = source.get("lsid")
+    snapshot = source.get("snapshot") not in (None, False, "false")
+    return SourcePosition(
+        ts_ms,
+        order,
+        lsid if isinstance(lsid, str) else None,
+        txn if type(txn) is int else None,
+        snapshot,
+    )
+
+
+def _update_description(raw: Any, doc_id: Any) -> dict | None:
+    if raw is None:
+        return None
+    if type(raw) is not dict:
+        raise DebeziumPoisonError(NOT_AN_ENVELOPE, "updateDescription is not an object", doc_id)
+    updated = raw.get("updatedFields")
+    fields = {} if updated is None else _ejson(updated, "updatedFields", doc_id)
+    if type(fields) is not dict:
+        raise DebeziumPoisonError(NOT_AN_ENVELOPE, "updatedFields is not an object", doc_id)
+    return {
+        "updatedFields": fields,
+        "removedFields": list(raw.get("removedFields") or []),
+        "truncatedArrays": list(raw.get("truncatedArrays") or []),
+    }
+
+
+def _touches_only_certyo_fields(description: Mapping) -> bool:
+    """True for an update that set or removed only our `certyo_*` write-back fields."""
+    paths = [*description["updatedFields"], *description["removedFields"]]
+    for entry in description["truncatedArrays"]:
+        paths.append(entry.get("field", "") if isinstance(entry, Mapping) else "")
+    return bool(paths) and all(
+        isinstance(p, str) and p.startswith(CERTYO_FIELD_PREFIX) for p in paths
+    )
+
+
+def parse_message(
+    key: bytes | str | None, value: bytes | str | None, spec: CollectionSpec
+) -> Change | Skip:
+    """One Kafka message of the collection's topic. Raises DebeziumPoisonError."""
+    if value is None:
+        doc_id = None
+        if key is not None:
+            try:
+                doc_id = parse_key(key)
+            except DebeziumPoisonError:
+                doc_id = None
+        return Skip(TOMBSTONE, doc_id)
+    doc_id = parse_key(key)
+    envelope = _unwrap(_json(value, "value"))
+    if type(envelope) is not dict or "op" not in envelope or "source" not in envelope:
+        raise DebeziumPoisonError(
+            NOT_AN_ENVELOPE, "the value is not a Debezium change event envelope", doc_id
+        )
+    op = envelope["op"]
+    if op not in OPERATIONS:
+        raise DebeziumPoisonError(
+            UNKNOWN_OP,
+            f"op {op!r} is not one of r, c, u, d (Debezium's MongoDB connector events)",
+            doc_id,
+        )
+    source = envelope["source"]
+    position = _position(source, doc_id)
+    if source.get("db") != spec.database or source.get("collection") != spec.collection:
+        raise DebeziumPoisonError(
+            WRONG_COLLECTION,
+            f"the event is for {source.get('db')}.{source.get('collection')}, not "
+            f"{spec.database}.{spec.collection}",
+            doc_id,
+        )
+    after_text = envelope.get("after")
+    document = None if after_text is None else _ejson(after_text, "after", doc_id)
+    if document is not None:
+        if type(document) is not dict:
+            raise DebeziumPoisonError(NOT_AN_ENVELOPE, "after is not a document", doc_id)
+        if "_id" not in document or document["_id"] != doc_id:
+            raise DebeziumPoisonError(
+                KEY_MISMATCH,
+                f"the key names _id {_show(doc_id)} but the document's _id is "
+                f"{_show(document.get('_id'))}",
+                doc_id,
+            )
+    description = None
+    if op == "u":
+        description = _update_description(envelope.get("updateDescription"), doc_id)
+        if description is not None and _touches_only_certyo_fields(description):
+            return Skip(OWN_WRITE_BACK, doc_id)
+        if document is None and description is None:
+            raise DebeziumPoisonError(
+                NOT_AN_ENVELOPE, "an update with neither after nor updateDescription", doc_id
+            )
+    elif op in ("r", "c") and document is None:
+        raise DebeziumPoisonError(NOT_AN_ENVELOPE, f"an op {op!r} event without after", doc_id)
+    return Change(
+        op=op,
+        doc_id=doc_id,
+        record_id=_record_id(doc_id),
+        document=document,
+        update_description=description,
+        position=position,
+        content=_content(op, envelope, position),
+    )
+
+
+def _record_id(doc_id: Any) -> str:
+    try:
+        return record_id_of(doc_id)
+    except PoisonDocumentError as exc:
+        raise DebeziumPoisonError(exc.reason, f"the _id cannot be a recordId: {exc}") from None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _content(op: str, envelope: Mapping, position: SourcePosition) -> str:
+    """What the event itself says it changed, as Debezium wrote it (stable on re-delivery).
+
+    An update's `after` is left out: it is a lookup, and a Debezium restart that sends the
+    event again looks the document up again.
+    """
+    if op == "u" and envelope.get("updateDescription") is not None:
+        changed: Any = envelope["updateDescription"]
+    elif op == "d":
+        changed = None
+    else:
+        changed = envelope.get("after")
+    txn = [position.lsid, position.txn_number] if position.txn_number is not None else None
+    return orjson.dumps([op, txn, changed], option=orjson.OPT_SORT_KEYS).decode("utf-8")
+
+
+# -- the record --------------------------------------------------------------------------------
+
+
+def change_version(change: Change) -> str:
+    """The recordVersion of a change: unique per change, the same when it is delivered again.
+
+    Streamed: `<ts_ms>.<ord>-<digest>`, the source position plus a digest of the op, the
+    transaction and what the event changed (two operations of one transaction share ts_ms and
+    ord). Snapshot reads have no stable position (a re-snapshot reads again at a new time), so
+    they are `snapshot-<digest of the document>`: reading an unchanged document again is an
+    idempotent replay.
+    """
+    digest = hashlib.sha256(change.content.encode("utf-8")).hexdigest()[:_DIGEST_CHARS]
+    if change.op == "r":
+        return f"{SNAPSHOT_VERSION_PREFIX}-{digest}"
+    return f"{change.position.label()}-{digest}"
+
+
+def change_idempotency_key(spec: CollectionSpec, record_id: str, version: str) -> str:
+    """`dbz:<db>.<c>:<recordId>:<version>`; a long recordId becomes its SHA-256."""
+    key = f"{KEY_PREFIX}:{spec.database}.{spec.collection}:{record_id}:{version}"
+    if len(key.encode("utf-8")) > MAX_IDEMPOTENCY_KEY_BYTES:
+        digest = hashlib.sha256(record_id.encode("utf-8")).hexdigest()
+        key = f"{KEY_PREFIX}:{spec.database}.{spec.collection}:sha256-{digest}:{version}"
+    return key
+
+
+def change_payload(change: Change) -> dict:
+    """The recordPayload. Raises PoisonDocumentError like the document sanitizer.
+
+    Inserts, updates and snapshot reads ship the document; a delete ships
+    `{"_id": <id>, "_deleted": true}`; an update whose `after` is null (the document was gone
+    when Debezium looked it up) ships what the event itself says:
+    `{"_id": <id>, "_updateDescription": {"updatedFields": [{"field", "value"}…],
+    "removedFields": […], "truncatedArrays": […]}}`.
+    """
+    if change.document is not None:
+        return sanitize_document(change.document)
+    doc_id = sanitize_value(change.doc_id)
+    if change.op == "d":
+        return {"_id": doc_id, "_deleted": True}
+    description = change.update_description or {}
+    return {
+        "_id": doc_id,
+        "_updateDescription": {
+            "updatedFields": [
+                {"field": sanitize_value(name), "value": sanitize_value(value)}
+                for name, value in description.get("updatedFields", {}).items()
+            ],
+            "removedFields": sanitize_value(description.get("removedFields", [])),
+            "truncatedArrays": sanitize_value(description.get("truncatedArrays", [])),
+        },
+    }
+
+
+class ChangeRecord(NamedTuple):
+    """A change's Certyo record as the JSON it is sent as, with what write-back needs."""
+
+    record_id: str
+    version: str
+    operation: str
+    source_timestamp: str
+    idempotency_key: str
+    json: bytes
+    # The document version (epoch ms of the timestamp field) and the field's value, when the
+    # shipped document has one: write-back labels the document only while it still holds it.
+    document_version: int | None
+    timestamp: datetime | None
+
+    def as_record(self) -> dict:
+        return orjson.loads(self.json)
+
+
+def _document_timestamp(change: Change, spec: CollectionSpec) -> datetime | None:
+    if change.document is None:
+        return None
+    value: Any = change.document
+    for part in spec.timestamp_field.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, datetime) else None
+
+
+# INTEGRATION POINT: the change-stream capture generalizes the one record mapping in
+# certyo_dagster/sanitize/records.py; point this at it. It builds the same record shape as
+# the polling encoder (tenantId, database, collection, recordId, recordVersion, operationType,
+# sourceTimestamp, idempotencyKey, recordPayload).
+def encode_change(
+    change: Change,
+    spec: CollectionSpec,
+    tenant_id: str,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> ChangeRecord:
+    """The Certyo record of one change. Raises PoisonDocumentError (too large, unsanitizable)."""
+    try:
+        payload = change_payload(change)
+        payload_json = orjson.dumps(payload)
+    except PoisonDocumentError as exc:
+        exc.record_id = change.record_id
+        raise
+    if len(payload_json) > max_payload_bytes:
+        exc = PoisonDocumentError(
+            "too_large",
+            f"the payload is {len(payload_json)} bytes as JSON, over the "
+            f"{max_payload_bytes}-byte limit",
+        )
+        exc.record_id = change.record_id
+        raise exc
+    version = change_version(change)
+    key = change_idempotency_key(spec, change.record_id, version)
+    source_timestamp = iso_utc(change.source_time)
+    record = {
+        "tenantId": tenant_id,
+        "database": spec.database,
+        "collection": spec.collection,
+        "recordId": change.record_id,
+        "recordVersion": version,
+        "operationType": change.operation,
+        "sourceTimestamp": source_timestamp,
+        "idempotencyKey": key,
+    }
+    body = orjson.dumps(record)[:-1] + b',"recordPayload":' + payload_json + b"}"
+    ts = _document_timestamp(change, spec)
+    return ChangeRecord(
+        change.record_id,
+        version,
+        change.operation,
+        source_timestamp,
+        key,
+        body,
+        version_ms(ts) if ts is not None else None,
+        ts,
+    )

@@ -1,0 +1,492 @@
+"""Debezium capture: read change events from Kafka, ship them to Certyo in order, commit.
+
+One run is one member of the collection's consumer group. It reads batches of messages from
+the partitions the group gives it and, for each batch:
+1. parses every message (certyo_dagster.capture.debezium): a change, a message to skip
+   (tombstones, updates of our own `certyo_*` fields) or a poison message;
+2. writes each poison message to `_certyo_dead_letters` with its topic, partition and offset;
+3. ships the changes to Certyo in Kafka order and waits for every acknowledgement;
+4. writes back `certyo_status: pending` with the record hash into documents still at the
+   shipped version, so verify_<c>, anchoring_status and tamper_audit work as for polling;
+5. only then commits, per partition, the offset after the batch's last message.
+
+While one batch is being shipped, the next is read and parsed (steps 1 and 2), but batches
+are shipped, written back and committed strictly one after the other, in Kafka order.
+
+A failure anywhere before step 5 commits nothing: the next run (or the member that takes the
+partition over) reads the same messages again and Certyo answers with idempotent replays,
+because each record's idempotency key comes from the change's source position, not from the
+Kafka offset. Delivery is at-least-once into Certyo, exactly-once in what Certyo stores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pymongo import UpdateOne
+
+from certyo_dagster.capture.debezium import (
+    Change,
+    ChangeRecord,
+    DebeziumPoisonError,
+    Skip,
+    encode_change,
+    parse_message,
+)
+from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
+from certyo_dagster.sanitize.documents import PoisonDocumentError
+from certyo_dagster.sanitize.records import DEFAULT_MAX_PAYLOAD_BYTES, record_id_of
+from certyo_dagster.settings import CollectionSpec
+from certyo_dagster.ship.shipping import Shipper, ShippingFailedError
+from certyo_dagster.ship.writeback import _UNSET_VERIFICATION
+from certyo_dagster.source.kafka import KafkaResource, confluent_kafka
+from certyo_dagster.source.mongo import bulk_update, upsert_with_retry
+
+DEFAULT_MAX_MESSAGES = 10_000
+DEFAULT_MAX_SECONDS = 60
+DEFAULT_BATCH_SIZE = 500
+# A run with no partitions assigned (another member owns them all) gives up after this.
+DEFAULT_UNASSIGNED_SECONDS = 15.0
+DEAD_LETTER_STAGE = "debezium"
+_MAX_RAW_CHARS = 10_000
+
+
+class DebeziumIngestError(Exception):
+    """Certyo, MongoDB or Kafka failed; nothing after the last committed offsets is committed."""
+
+    def __init__(self, message: str, report: DebeziumReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class DebeziumReport:
+    """What one run did, for the Dagster UI."""
+
+    topic: str
+    group_id: str
+    messages: int = 0
+    changes: int = 0
+    sent: int = 0
+    accepted: int = 0
+    replayed: int = 0
+    tombstones: int = 0
+    own_write_backs: int = 0
+    dead_lettered: int = 0
+    after_null_updates: int = 0
+    written_back: int = 0
+    batches: int = 0
+    commits: int = 0
+    failed_commits: int = 0
+    rebalances: int = 0
+    caught_up: bool = False
+    elapsed_seconds: float = 0.0
+    first_message_seconds: float | None = None  # from the start to the first message read
+    committed: dict[int, int] = field(default_factory=dict)  # partition → next offset
+    operations: dict[str, int] = field(default_factory=dict)
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def messages_per_second(self) -> float:
+        return self.messages / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+
+# -- shipping ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Shipped:
+    """Certyo's answer per record, in input order: a receipt, or None with the reason."""
+
+    results: list[dict | None]
+    rejected: dict[int, str]
+    requests: int
+
+
+def ship_in_order(client: Any, tenant_id: str, records: Sequence[ChangeRecord]) -> Shipped:
+    """Ship records in order through the shared `Shipper` (single or bulk, chunking, 413
+    halving), one request at a time.
+
+    Returns when Certyo has answered for every record. A record Certyo refuses (400/422 for
+    that record) comes back as None with the reason; any other failure raises CertyoError and
+    the caller commits nothing of the batch.
+    """
+    results: list[dict | None] = []
+    rejected: dict[int, str] = {}
+    requests = 0
+    shipper = Shipper(client, tenant_id, max_in_flight=1)
+    try:
+        for batch in shipper.ship((record, i) for i, record in enumerate(records)):
+            requests += batch.requests
+            for shipped in batch:
+                results.append(shipped.receipt)
+                if shipped.receipt is None:
+                    rejected[shipped.context] = shipped.rejection or "rejected by Certyo"
+    except ShippingFailedError as exc:
+        raise exc.cause from None
+    return Shipped(results, rejected, requests)
+
+
+@dataclass
+class _Batch:
+    """Messages read together: shipped, written back and committed as one."""
+
+    messages: list
+    items: list[_Item] = field(default_factory=list)
+    to_ship: list[_Item] = field(default_factory=list)
+    records: list[ChangeRecord] = field(default_factory=list)
+    future: Future | None = None
+
+
+@dataclass
+class _Item:
+    """One message of a batch and what became of it."""
+
+    partition: int
+    offset: int
+    change: Change | None = None
+    record: ChangeRecord | None = None
+
+
+class DebeziumIngestor:
+    """Consumes one collection's Debezium topic as a member of its consumer group."""
+
+    def __init__(
+        self,
+        *,
+        database: Any,
+        spec: CollectionSpec,
+        kafka: KafkaResource,
+        client: Any,
+        tenant_id: str,
+        run_id: str,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        unassigned_seconds: float = DEFAULT_UNASSIGNED_SECONDS,
+        log: Callable[[str], None] | None = None,
+        consumer_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        if max_messages < 1 or batch_size < 1 or max_seconds <= 0:
+            raise ValueError("max_messages, batch_size and max_seconds must be positive")
+        self.database = database
+        self.collection = database[spec.collection]
+        self.dead_letters = database[DEAD_LETTERS_COLLECTION]
+        self.spec = spec
+        self.kafka = kafka
+        self.client = client
+        self.tenant_id = tenant_id
+        self.run_id = run_id
+        self.max_messages = max_messages
+        self.max_seconds = max_seconds
+        self.batch_size = batch_size
+        self.max_payload_bytes = max_payload_bytes
+        self.unassigned_seconds = unassigned_seconds
+        self.log = log or (lambda _msg: None)
+        self.consumer_overrides = consumer_overrides or {}
+        self.topic = kafka.topic_for(spec)
+        self._assigned: set[int] = set()
+        self._at_end: set[int] = set()
+        self._open_letters = False
+        self._pending: _Batch | None = None
+
+    # -- the consume loop ------------------------------------------------------------------
+
+    def run(self) -> DebeziumReport:
+        ck = confluent_kafka()
+        report = DebeziumReport(topic=self.topic, group_id=self.kafka.group_for(self.spec))
+        began = time.monotonic()
+        deadline = began + self.max_seconds
+        self._open_letters = (
+            self.dead_letters.find_one(
+                {"collection": self.spec.collection, "resolvedAt": None}, {"_id": 1}
+            )
+            is not None
+        )
+        consumer = self.kafka.new_consumer(self.spec, **self.consumer_overrides)
+
+        def on_assign(_consumer: Any, partitions: list) -> None:
+            report.rebalances += 1
+            self._assigned = {p.partition for p in partitions}
+            self._at_end -= {p.partition for p in partitions}
+
+        def on_revoke(_consumer: Any, partitions: list) -> None:
+            # Callbacks run inside consume(), on this thread. The batch in flight is finished
+            # (acknowledged, written back, committed) before its partitions go to another
+            # member, so a rebalance loses no progress and causes no re-read.
+            if self._pending is not None:
+                batch, self._pending = self._pending, None
+                self._finish(consumer, batch, report)
+            self._assigned -= {p.partition for p in partitions}
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="certyo-debezium")
+        try:
+            consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
+            unassigned_since = time.monotonic()
+            while report.messages < self.max_messages and time.monotonic() < deadline:
+                wanted = min(self.batch_size, self.max_messages - report.messages)
+                messages = consumer.consume(num_messages=wanted, timeout=0.5)
+                batch = []
+                for message in messages:
+                    error = message.error()
+                    if error is None:
+                        batch.append(message)
+                        self._at_end.discard(message.partition())
+                    elif error.code() == ck.KafkaError._PARTITION_EOF:
+                        self._at_end.add(message.partition())
+                    elif error.fatal() or not error.retriable():
+                        raise ck.KafkaException(error)
+                if batch:
+                    if report.first_message_seconds is None:
+                        report.first_message_seconds = time.monotonic() - began
+                    # Parse and encode this batch while the previous one is being shipped;
+                    # batches are still shipped, written back and committed one by one.
+                    prepared = self._prepare(batch, report)
+                    self._finish_pending(consumer, report)
+                    if prepared.records:
+                        report.sent += len(prepared.records)
+                        prepared.future = pool.submit(
+                            ship_in_order, self.client, self.tenant_id, prepared.records
+                        )
+                    self._pending = prepared
+                if self._assigned:
+                    unassigned_since = time.monotonic()
+                    if not batch and self._assigned <= self._at_end:
+                        self._finish_pending(consumer, report)
+                        report.caught_up = True
+                        break
+                elif time.monotonic() - unassigned_since > self.unassigned_seconds:
+                    self.log(
+                        f"{self.spec.collection}: no partition of {self.topic} was assigned "
+                        f"to this run within {self.unassigned_seconds:.0f} s (another run "
+                        "owns them all)"
+                    )
+                    break
+            self._finish_pending(consumer, report)
+        except DebeziumIngestError:
+            raise
+        except Exception as exc:
+            report.elapsed_seconds = time.monotonic() - began
+            raise DebeziumIngestError(self._describe(exc, report), report) from exc
+        finally:
+            # After a failure the batch in flight is not committed: it is read again.
+            self._pending = None
+            pool.shutdown(wait=True)
+            # Leaving the group at once hands the partitions over without a session timeout.
+            try:
+                consumer.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not hide the real outcome
+                self.log(f"closing the Kafka consumer failed: {self.kafka.redact(str(exc))}")
+        report.elapsed_seconds = time.monotonic() - began
+        return report
+
+    def _describe(self, exc: BaseException, report: DebeziumReport) -> str:
+        committed = ", ".join(f"partition {p} → {o}" for p, o in sorted(report.committed.items()))
+        return self.kafka.redact(
+            f"Debezium ingestion of {self.topic} stopped: {type(exc).__name__}: {exc}. "
+            f"Committed offsets: {committed or 'none this run'}; {report.accepted} accepted, "
+            f"{report.replayed} replayed, {report.dead_lettered} dead-lettered. Everything "
+            "after the committed offsets is read again by the next run."
+        )
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    def _prepare(self, messages: list, report: DebeziumReport) -> _Batch:
+        """Parse and encode a batch; poison messages become dead letters here."""
+        report.batches += 1
+        report.messages += len(messages)
+        batch = _Batch(messages)
+        for message in messages:
+            item = _Item(message.partition(), message.offset())
+            batch.items.append(item)
+            try:
+                parsed = parse_message(message.key(), message.value(), self.spec)
+            except DebeziumPoisonError as exc:
+                self._dead_letter(message, exc.reason, str(exc), exc.doc_id, None, report)
+                continue
+            if isinstance(parsed, Skip):
+                if parsed.reason == "tombstone":
+                    report.tombstones += 1
+                else:
+                    report.own_write_backs += 1
+                continue
+            report.changes += 1
+            report.operations[parsed.op] = report.operations.get(parsed.op, 0) + 1
+            if parsed.op == "u" and parsed.document is None:
+                report.after_null_updates += 1
+            try:
+                record = encode_change(
+                    parsed, self.spec, self.tenant_id, max_payload_bytes=self.max_payload_bytes
+                )
+            except PoisonDocumentError as exc:
+                self._dead_letter(message, exc.reason, str(exc), parsed.doc_id, None, report)
+                continue
+            item.change, item.record = parsed, record
+            batch.to_ship.append(item)
+        batch.records = [i.record for i in batch.to_ship]
+        return batch
+
+    def _finish_pending(self, consumer: Any, report: DebeziumReport) -> None:
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            self._finish(consumer, batch, report)
+
+    def _finish(self, consumer: Any, batch: _Batch, report: DebeziumReport) -> None:
+        """Wait for Certyo's answer, write back, then commit the batch's offsets."""
+        if batch.future is not None:
+            shipped = batch.future.result()
+            self._complete(batch.to_ship, shipped, batch.messages, report)
+        self._commit(consumer, batch.items, report)
+
+    def _complete(
+        self, items: list[_Item], shipped: Shipped, messages: list, report: DebeziumReport
+    ) -> None:
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        by_offset = {(m.partition(), m.offset()): m for m in messages}
+        updates: list[UpdateOne] = []
+        accepted_ids: list[Any] = []
+        for i, item in enumerate(items):
+            receipt = shipped.results[i]
+            assert item.change is not None and item.record is not None
+            if receipt is None:
+                reason = shipped.rejected.get(i, "rejected by Certyo")
+                self._dead_letter(
+                    by_offset[(item.partition, item.offset)],
+                    "certyo_validation",
+                    reason,
+                    item.change.doc_id,
+                    item.record.version,
+                    report,
+                )
+                continue
+            if receipt.get("idempotencyReplayed"):
+                report.replayed += 1
+            else:
+                report.accepted += 1
+            accepted_ids.append(item.change.doc_id)
+            update = _write_back(item.change, item.record, receipt, self.spec, now)
+            if update is not None:
+                updates.append(update)
+        if updates:
+            result = bulk_update(self.collection, updates, "write-back")
+            report.written_back += result.modified_count
+        if accepted_ids and self._open_letters:
+            # A later change of a dead-lettered document was accepted: its letter is resolved.
+            self.dead_letters.update_many(
+                {
+                    "collection": self.spec.collection,
+                    "documentId": {"$in": accepted_ids},
+                    "resolvedAt": None,
+                },
+                {"$set": {"resolvedAt": now, "resolvedByRun": self.run_id}},
+            )
+
+    def _commit(self, consumer: Any, items: list[_Item], report: DebeziumReport) -> None:
+        """Commit, per partition, the offset after the last message handled in this batch."""
+        ck = confluent_kafka()
+        next_offsets: dict[int, int] = {}
+        for item in items:
+            next_offsets[item.partition] = max(next_offsets.get(item.partition, 0), item.offset + 1)
+        offsets = [ck.TopicPartition(self.topic, p, o) for p, o in sorted(next_offsets.items())]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except ck.KafkaException as exc:
+            # The partitions were handed to another member meanwhile (a rebalance). It reads
+            # from the last committed offsets, and Certyo answers with idempotent replays.
+            report.failed_commits += 1
+            self.log(
+                f"{self.spec.collection}: commit of {next_offsets} failed "
+                f"({self.kafka.redact(str(exc))}); the next owner reads these messages again "
+                "and Certyo replays them"
+            )
+            return
+        report.commits += 1
+        report.committed.update(next_offsets)
+
+    # -- dead letters --------------------------------------------------------------------------
+
+    def _dead_letter(
+        self,
+        message: Any,
+        reason: str,
+        text: str,
+        doc_id: Any,
+        version: str | None,
+        report: DebeziumReport,
+    ) -> None:
+        report.dead_lettered += 1
+        report.dead_letter_reasons[reason] = report.dead_letter_reasons.get(reason, 0) + 1
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        partition, offset = message.partition(), message.offset()
+        try:
+            record_id = None if doc_id is None else record_id_of(doc_id)
+        except PoisonDocumentError:
+            record_id = repr(doc_id)
+        # Named by the Kafka position: the same message read again is the same letter.
+        letter_id = f"{self.spec.database}.{self.spec.collection}:{self.topic}:{partition}:{offset}"
+        upsert_with_retry(
+            self.dead_letters,
+            {"_id": letter_id},
+            {
+                "$set": {
+                    "database": self.spec.database,
+                    "collection": self.spec.collection,
+                    "documentId": doc_id,
+                    "recordId": record_id,
+                    "version": version,
+                    "timestamp": None,
+                    "reason": reason,
+                    "message": text[:2000],
+                    "stage": DEAD_LETTER_STAGE,
+                    "topic": self.topic,
+                    "partition": partition,
+                    "offset": offset,
+                    "key": _raw(message.key()),
+                    "value": _raw(message.value()),
+                    "runId": self.run_id,
+                    "lastSeenAt": now,
+                    "resolvedAt": None,
+                },
+                "$setOnInsert": {"firstSeenAt": now},
+                "$inc": {"attempts": 1},
+            },
+        )
+
+
+def _raw(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    return text if len(text) <= _MAX_RAW_CHARS else text[:_MAX_RAW_CHARS] + "…"
+
+
+# INTEGRATION POINT: the shared write-back builders (certyo_dagster/ship/writeback.py).
+def _write_back(
+    change: Change, record: ChangeRecord, receipt: dict, spec: CollectionSpec, now: datetime
+) -> UpdateOne | None:
+    """Label the document pending with the shipped hash, only while it is still that version.
+
+    Only a shipped document with a date in the timestamp field is labelled: verify_<c> and the
+    tamper audit recognise a version by it. The update sets `certyo_*` fields only, so the
+    change event it causes is skipped (OWN_WRITE_BACK) instead of being shipped again.
+    """
+    if record.timestamp is None or record.document_version is None or change.document is None:
+        return None
+    return UpdateOne(
+        {"_id": change.doc_id, spec.timestamp_field: record.timestamp},
+        {
+            "$set": {
+                "certyo_status": "pending",
+                "certyo_record_hash": receipt.get("recordHash"),
+                "certyo_version": record.document_version,
+                "certyo_ingested_at": now,
+            },
+            "$unset": _UNSET_VERIFICATION,
+        },
+    )

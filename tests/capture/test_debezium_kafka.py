@@ -1,0 +1,299 @@
+"""debezium_<c> on a real Kafka-protocol broker (Tansu), SecantusDB and the sandbox.
+
+The messages are the ones the real Debezium connector produced (tests/capture/envelopes/) or,
+for the ledger scenarios, messages of exactly that shape for the writes the ledger makes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bson import ObjectId
+from confluent_kafka import Consumer, TopicPartition
+from fixtures.kafka import (
+    DebeziumLedger,
+    captured_for,
+    committed_offsets,
+    make_debezium_pipeline,
+    produce,
+    product,
+)
+from fixtures.pipeline import hour
+from fixtures.sandbox import TENANT_A, TEST_KEY_A
+
+from certyo_dagster.capture.polling import DEAD_LETTERS_COLLECTION
+from certyo_dagster.source.kafka import probe_lag
+
+HARNESS = Path(__file__).with_name("debezium_harness.py")
+BULK = "/api/v1/records/bulk"
+
+
+def _counts(result) -> dict:
+    events = result.get_asset_materialization_events()
+    assert len(events) == 1
+    return {k: v.value for k, v in events[0].materialization.metadata.items()}
+
+
+@pytest.mark.parametrize("mode", ["schemas_off", "schemas_on"])
+def test_captured_envelopes_ship_once_and_commit_to_the_end(debezium_pipeline, mode):
+    p = debezium_pipeline
+    sent = produce(p.broker.bootstrap, p.topic(), captured_for(mode, p.spec().database))
+    assert sent == 20
+    first = _counts(p.run())
+    assert first["messages"] == 20
+    assert first["accepted"] == 17 and first["tombstones_skipped"] == 3
+    assert first["dead_lettered"] == 0 and first["caught_up"] is True
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: 20}
+    records = p.certyo_records()
+    assert len(records) == 17
+    assert sorted({r["operationType"] for r in records}) == ["delete", "insert", "update", "upsert"]
+    # Caught up: the sensor sees no lag, and another run reads nothing.
+    tick = p.tick()
+    assert not tick.run_requests, tick
+    second = _counts(p.run())
+    assert second["messages"] == 0 and second["caught_up"] is True
+    assert len(p.certyo_records()) == 17
+
+
+def _history(ledger: DebeziumLedger, documents: int = 40) -> None:
+    """Inserts, $set updates, whole-document replaces and deletes (with tombstones)."""
+    ids = [ObjectId() for _ in range(documents - 4)] + ["sku-1", "sku-2", 7, 8]
+    for n, doc_id in enumerate(ids):
+        ledger.write(product(doc_id, 0, ts=hour(1, second=n)))
+    for n, doc_id in enumerate(ids[: documents // 2]):
+        ledger.update(doc_id, {"stock": 5, "updatedAt": hour(2, second=n)})
+    for n, doc_id in enumerate(ids[documents // 2 : documents // 2 + 6]):
+        ledger.write(product(doc_id, 2, ts=hour(3, second=n), note="replaced"))
+    for doc_id in ids[-6:-2]:
+        ledger.delete(doc_id)
+
+
+def _harness(p, point: str, **options) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        str(HARNESS),
+        p.resources["mongo"].uri,
+        p.spec().database,
+        p.broker.bootstrap,
+        p.sandbox.base_url,
+        point,
+    ]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    env = {**os.environ, "CERTYO_API_KEY": TEST_KEY_A, "CERTYO_TENANT_ID": TENANT_A}
+    tests_dir = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """The exit status and the output (stdout last: the counts line ends it)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    return process.returncode, err + out
+
+
+def test_consumer_sigkilled_mid_batch_three_times_loses_nothing_and_only_replays(
+    debezium_pipeline,
+):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger)
+    ledger.send()
+    committed = []
+    for point in ("after_post", "after_write_back", "before_post"):
+        code, output = _finish(_harness(p, point, batch_size=12))
+        assert code == -signal.SIGKILL, output
+        committed.append(committed_offsets(p.broker.bootstrap, p.group(), p.topic())[0])
+    # Each killed run committed only the batches Certyo had acknowledged before it died.
+    assert committed == sorted(committed) and committed[0] > 0, committed
+    result = _counts(p.run(batch_size=12))
+    assert result["caught_up"] is True
+    counts = ledger.check()
+    counts.assert_clean("debezium: SIGKILL x3")
+    assert counts.replays > 0
+
+
+def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
+    secantus_db, sandbox, kafka_broker
+):
+    p = make_debezium_pipeline(secantus_db, sandbox, kafka_broker, partitions=2)
+    ledger = p.ledger()
+    _history(ledger, documents=40)
+    ledger.send()
+    first = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
+    # The second member joins while the first is mid-way: the group rebalances.
+    deadline = time.monotonic() + 60
+    while sandbox.stats()["records_stored"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
+    results = []
+    for process in (first, second):
+        code, output = _finish(process)
+        assert code == 0, output
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    assert all(r["success"] for r in results), results
+    # Both members read messages: the partitions were shared after the rebalance, which
+    # took the first member's partition away mid-way and assigned again.
+    assert all(r["messages"] > 0 for r in results), results
+    assert results[0]["partition_assignments"] >= 2, results
+    print("overlapping runs:", [(r["messages"], r["replayed"]) for r in results])
+    final = _counts(p.run())
+    assert final["caught_up"] is True
+    counts = ledger.check()
+    counts.assert_clean("debezium: two overlapping runs")
+
+
+def test_a_certyo_outage_commits_no_offset_and_the_next_run_ships_everything(
+    debezium_pipeline,
+):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger, documents=20)
+    ledger.send()
+    p.sandbox.script_faults([{"status": 503, "times": 1000, "path": BULK}])
+    failed = p.run(raise_on_error=False, batch_size=15)
+    assert not failed.success
+    message = str(failed.all_events[-1].event_specific_data)
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic())[0] < 0, message
+    assert p.certyo_records() == []
+    p.sandbox.clear_faults()
+    assert _counts(p.run(batch_size=15))["caught_up"] is True
+    ledger.check().assert_clean("debezium: Certyo outage")
+
+
+def test_poison_messages_become_dead_letters_and_the_offset_moves_past(debezium_pipeline):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger, documents=12)
+    good_key, good_value = ledger.pending[0]
+    wrong_op = json.loads(good_value)
+    wrong_op["op"] = "t"
+    poison = [
+        (good_key, good_value[:-9]),  # broken JSON
+        (good_key, json.dumps(wrong_op)),  # an unknown op
+        (ledger.writer.key("someone-else"), good_value),  # the key does not match _id
+    ]
+    ledger.send(extra=poison)
+    result = p.run()
+    counts = _counts(result)
+    assert counts["dead_lettered"] == 3, counts
+    assert counts["dead_letter_reasons"] == {"bad_json": 1, "unknown_op": 1, "key_mismatch": 1}
+    end = len(ledger.events) + 4  # the 4 deletes each add a tombstone
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: end + 3}
+    letters = list(p.db[DEAD_LETTERS_COLLECTION].find({}, sort=[("offset", 1)]))
+    assert [(d["topic"], d["partition"], d["offset"]) for d in letters] == [
+        (p.topic(), 0, end),
+        (p.topic(), 0, end + 1),
+        (p.topic(), 0, end + 2),
+    ]
+    assert all(d["stage"] == "debezium" and d["resolvedAt"] is None for d in letters)
+    [check] = result.get_asset_check_evaluations()
+    assert check.check_name == "no_dead_letters" and check.passed is False
+    ledger.check().assert_clean("debezium: poison messages")
+
+
+def test_an_update_with_after_null_ships_its_update_description_in_both_schema_modes(
+    debezium_pipeline,
+):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    for schemas in (False, True):
+        ledger.writer.schemas = schemas
+        ledger.write(product(f"doomed-{schemas}", 0, ts=hour(1)))
+        ledger.write(product(f"kept-{schemas}", 0, ts=hour(1)))
+        ledger.update_then_delete(f"doomed-{schemas}", {"stock": 99})
+        ledger.update(f"kept-{schemas}", {"stock": 1, "updatedAt": hour(2)})
+        ledger.send()
+        counts = _counts(p.run())
+        assert counts["after_null_updates"] == 1 and counts["dead_lettered"] == 0
+        ledger.check().assert_clean(f"debezium: after null, schemas={schemas}")
+    deltas = [r for r in p.certyo_records() if "_updateDescription" in r["recordPayload"]]
+    assert len(deltas) == 2
+    assert deltas[0]["recordPayload"]["_updateDescription"]["updatedFields"] == [
+        {"field": "stock", "value": 99}
+    ]
+
+
+def test_the_sensor_finds_lag_by_reading_when_the_high_watermark_is_too_low(debezium_pipeline):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    ledger.write(product("a", 0, ts=hour(1)))
+    ledger.send()  # one record batch of one message
+    for n in range(5):
+        ledger.write(product(f"b{n}", 0, ts=hour(1, second=n + 1)))
+    ledger.send()  # one record batch of five messages
+    tick = p.tick()
+    assert len(tick.run_requests) == 1
+    _counts(p.run())
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: 6}
+    assert not p.tick().run_requests
+    # Rewind the group to offset 2. Tansu reports the high watermark as 2 here (the base of
+    # the last batch + 1), so watermarks alone would say the group is caught up.
+    c = Consumer({"bootstrap.servers": p.broker.bootstrap, "group.id": p.group()})
+    low, high = c.get_watermark_offsets(TopicPartition(p.topic(), 0), timeout=10)
+    c.commit(offsets=[TopicPartition(p.topic(), 0, 2)], asynchronous=False)
+    c.close()
+    lag = probe_lag(p.kafka, p.spec())
+    assert lag.has_lag and lag.committed == {0: 2}, (lag, low, high)
+    [request] = p.tick().run_requests
+    assert request.run_key.startswith("0:2:")
+    counts = _counts(p.run())
+    assert counts["messages"] == 4 and counts["replayed"] == 4
+    ledger.check().assert_clean("debezium: lag by reading")
+
+
+def test_verification_labels_the_shipped_documents_anchored(debezium_pipeline):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger, documents=10)
+    ledger.send()
+    counts = _counts(p.run())
+    assert counts["written_back"] == 6  # each document still there (4 were deleted), once
+    doc = p.db["products"].find_one({"certyo_status": "pending"})
+    assert doc is not None and isinstance(doc["certyo_version"], int)
+    p.sandbox.flush()
+    verify = p.run_job("verify_products")
+    assert verify.success
+    assert p.db["products"].count_documents({"certyo_status": "anchored"}) == 6
+    audit = p.run_job("tamper_audit_products")
+    assert audit.success
+    p.db["products"].update_one({"_id": doc["_id"]}, {"$set": {"price": "0.00"}})
+    audit = p.run_job("tamper_audit_products", raise_on_error=False)
+    [check] = [c for c in audit.get_asset_check_evaluations() if not c.passed]
+    assert check is not None
+
+
+def test_the_kafka_password_appears_in_no_event_log_or_metadata(
+    secantus_db, sandbox, kafka_broker, monkeypatch
+):
+    import dagster as dg
+
+    monkeypatch.setenv("TEST_KAFKA_PASSWORD", "kafka-pw-never-logged")
+    p = make_debezium_pipeline(
+        secantus_db,
+        sandbox,
+        kafka_broker,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="certyo",
+        sasl_password=dg.EnvVar("TEST_KAFKA_PASSWORD"),
+    )
+    # The broker does not speak SASL: the run gets no partition and ends, or fails.
+    result = p.run(raise_on_error=False, max_seconds=8)
+    text = "\n".join(repr(event) for event in result.all_events)
+    logs = p.instance.all_logs(result.run_id)
+    text += "\n".join(repr(entry) for entry in logs)
+    assert "kafka-pw-never-logged" not in text
