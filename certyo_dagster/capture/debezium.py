@@ -30,8 +30,8 @@ from bson.binary import UuidRepresentation
 from bson.errors import BSONError
 from bson.json_util import JSONOptions
 
+from certyo_dagster.fields import FIELD_PREFIX as CERTYO_FIELD_PREFIX
 from certyo_dagster.sanitize.documents import (
-    CERTYO_FIELD_PREFIX,
     PoisonDocumentError,
     iso_utc,
     sanitize_document,

@@ -28,7 +28,7 @@ from fixtures.kafka import (
 from fixtures.pipeline import hour
 from fixtures.sandbox import TENANT_A, TEST_KEY_A
 
-from certyo_dagster.capture.polling import DEAD_LETTERS_COLLECTION
+from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.source.kafka import probe_lag
 
 HARNESS = Path(__file__).with_name("debezium_harness.py")
