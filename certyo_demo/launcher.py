@@ -290,7 +290,11 @@ def _start_local_chain(stack: Stack, log_dir: Path) -> list[str]:
     Without Node.js or ganache (`make install` puts it in certyo_demo/chain) the sandbox
     simulates its transactions instead, and this says so.
     """
-    chain = LocalChain(log_path=log_dir / "chain.log")
+    # Marked like every process of the run, so the next run finds it if this one is killed.
+    chain = LocalChain(
+        log_path=log_dir / "chain.log",
+        environment={**os.environ, RUN_OWNER_ENV: str(log_dir.parent)},
+    )
     try:
         chain.start()
     except ServerError as exc:

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -246,11 +246,14 @@ class LocalChain:
         chain_id: int = LOCAL_CHAIN_ID,
         log_path: Path | None = None,
         node: str = "node",
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.port = port
         self.chain_id = chain_id
         self.log_path = log_path
         self.node = node
+        # The process's environment (None: this one's), e.g. to mark it as a run's own.
+        self.environment = None if environment is None else dict(environment)
         self.process: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
 
@@ -295,6 +298,7 @@ class LocalChain:
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
+            env=self.environment,
             start_new_session=True,
         )
         _running.add(self)

@@ -433,7 +433,8 @@ def test_a_run_stops_what_a_killed_run_left_running_in_its_folder(tmp_path: Path
         left = [int(pid) for pid in crashed.stdout.readline().split()]
         crashed.send_signal(signal.SIGKILL)
         crashed.wait(10)
-        assert len(left) == 3 and all(_alive(pid) for pid in left)
+        # The local chain, the sandbox, churn and SecantusDB.
+        assert len(left) == 4 and all(_alive(pid) for pid in left)
         told: list[str] = []
         stack = _demo_stack(run_dir, seed_count=20, churn=False, report=told.append)
         stack.stop()
