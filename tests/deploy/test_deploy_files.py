@@ -95,7 +95,11 @@ def test_the_user_code_image_holds_the_product_only(tmp_path):
     assert "CERTYO_PRODUCT_ONLY=1 pip install" in DOCKERFILE.read_text()
     image = _setup_arguments(tmp_path, product_only=True)
     assert {p.split(".")[0] for p in image["packages"]} == {"certyo_dagster"}
-    assert image["entry_points"] == {"console_scripts": []}
+    # Only the product's own command (auditors verify bundles with it) and the dg registry.
+    assert image["entry_points"] == {
+        "console_scripts": ["certyo-proof = certyo_dagster.proof_cli:main"],
+        "dagster_dg_cli.registry_modules": ["certyo_dagster = certyo_dagster"],
+    }
     # The same sources without the switch (a developer's `pip install .`) keep the siblings'
     # scripts, so the switch is what removes them.
     full = _setup_arguments(REPO, product_only=False)
@@ -104,7 +108,7 @@ def test_the_user_code_image_holds_the_product_only(tmp_path):
         "certyo_sandbox",
         "certyo_demo",
     }
-    assert len(full["entry_points"]["console_scripts"]) == 2
+    assert len(full["entry_points"]["console_scripts"]) == 3  # certyo-proof, -sandbox, -demo
 
 
 # Key names of the Dagster Helm chart (helm/dagster/schema/schema/charts/ in the Dagster
