@@ -179,7 +179,7 @@ def test_env_file_never_holds_a_secret(tmp_path: Path) -> None:
     stack = Stack(
         run_dir=tmp_path,
         env={
-            "MONGO_URI": "mongodb://app:pw-in-uri@127.0.0.1:27017/",
+            "MONGO_URI": "mongodb://app:PASSWORD-in-uri@127.0.0.1:27017/",
             "CERTYO_BASE_URL": "https://api.certyo.example",
             "CERTYO_API_KEY": "cty_live_abc",
             "CERTYO_TENANT_ID": "acme",
@@ -192,7 +192,7 @@ def test_env_file_never_holds_a_secret(tmp_path: Path) -> None:
         sandbox_url=None,
     )
     text = write_env_file(stack).read_text()
-    for secret in ("pw-in-uri", "cty_live_abc", "kafka-pw"):
+    for secret in ("PASSWORD-in-uri", "cty_live_abc", "kafka-pw"):
         assert secret not in text
     assert "# MONGO_URI holds a password; export it yourself: mongodb://app:***@" in text
     assert "# CERTYO_API_KEY is a secret; export it yourself" in text
@@ -232,7 +232,7 @@ def test_configured_launch_checks_both_servers_and_starts_neither_sandbox_nor_de
 
 
 def test_unreachable_mongodb_is_one_line_with_the_uri_redacted(tmp_path: Path, sandbox) -> None:
-    uri = f"mongodb://app:pw-secret@127.0.0.1:{_closed_port()}/?directConnection=true"
+    uri = f"mongodb://app:PASSWORD-secret@127.0.0.1:{_closed_port()}/?directConnection=true"
     environ = {
         **_base_env(),
         "MONGO_URI": uri,
@@ -243,20 +243,20 @@ def test_unreachable_mongodb_is_one_line_with_the_uri_redacted(tmp_path: Path, s
     with pytest.raises(LaunchError) as caught:
         _demo_stack(tmp_path / "run", environ=environ)
     message = str(caught.value)
-    shown = uri.replace("pw-secret", "***")
+    shown = uri.replace("PASSWORD-secret", "***")
     assert message == f"MongoDB at {shown} cannot be reached: [Errno 111] Connection refused"
-    assert "pw-secret" not in message
+    assert "PASSWORD-secret" not in message
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released
 
 
 def test_a_malformed_mongo_uri_is_one_line_without_its_password() -> None:
     with pytest.raises(LaunchError) as caught:
-        check_mongo("mongodb://app:pw-secret@127.0.0.1:notaport/")
+        check_mongo("mongodb://app:PASSWORD-secret@127.0.0.1:notaport/")
     assert str(caught.value).startswith(
         "MONGO_URI mongodb://app:***@127.0.0.1:notaport/ is not a usable MongoDB URI: "
         "Port contains non-digit characters"
     )
-    assert "pw-secret" not in str(caught.value)
+    assert "PASSWORD-secret" not in str(caught.value)
 
 
 def test_unreachable_certyo_and_a_refused_key_are_one_line(tmp_path: Path, secantus, sandbox):
