@@ -190,7 +190,7 @@ def test_two_components_for_one_collection_are_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ("capture: change_stream\n", "capture"),
+        ("capture: cdc\n", "capture"),
         ('partition_start: "2026-06-01T00:30"\n', "on the hour"),
         ("collection_typo: 1\n", "collection_typo"),
     ],
