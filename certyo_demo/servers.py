@@ -91,7 +91,37 @@ def stop_process(process: subprocess.Popen, grace: float = _STOP_GRACE_SECONDS) 
         process.wait(timeout=grace)
 
 
-class SecantusServer:
+class _ServerProcess:
+    """What every local server shares: its process group, its log file, and stopping."""
+
+    process: subprocess.Popen | None
+    _log: IO[bytes] | None
+
+    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds; idempotent."""
+        if self.process is not None:
+            stop_process(self.process, grace)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL at once, as a crash would."""
+        if self.process is not None:
+            signal_group(self.process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=_STOP_GRACE_SECONDS)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        _running.discard(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SecantusServer(_ServerProcess):
     """One SecantusDB server on 127.0.0.1.
 
     `storage` is a folder (kept across restarts) or None for an in-memory store. Like mongod's
@@ -195,20 +225,6 @@ class SecantusServer:
                 return False
         return True
 
-    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds; idempotent."""
-        if self.process is not None:
-            stop_process(self.process, grace)
-        self._forget()
-
-    def kill(self) -> None:
-        """SIGKILL at once, as a crash would."""
-        if self.process is not None:
-            signal_group(self.process, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=_STOP_GRACE_SECONDS)
-        self._forget()
-
     def restart(self, *, crash: bool = False) -> SecantusServer:
         """Stop (or kill, with `crash`) and start again on the same port and storage."""
         if crash:
@@ -217,20 +233,11 @@ class SecantusServer:
             self.stop()
         return self.start()
 
-    def _forget(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _running.discard(self)
-
     def __enter__(self) -> SecantusServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
-
-class LocalChain:
+class LocalChain(_ServerProcess):
     """A ganache EVM chain on 127.0.0.1, in memory, one block per transaction.
 
     Its accounts are deterministic, prefunded and unlocked, so `eth_sendTransaction` works
@@ -332,32 +339,11 @@ class LocalChain:
         except (requests.RequestException, ValueError, KeyError, TypeError):
             return False
 
-    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
-        if self.process is not None:
-            stop_process(self.process, grace)
-        self._forget()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            signal_group(self.process, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=_STOP_GRACE_SECONDS)
-        self._forget()
-
-    def _forget(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _running.discard(self)
-
     def __enter__(self) -> LocalChain:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
-
-class KafkaBroker:
+class KafkaBroker(_ServerProcess):
     """One Tansu broker on 127.0.0.1 with memory storage (topics are lost when it stops).
 
     `bootstrap` is the `host:port` clients use. The port is chosen once and kept by
@@ -431,34 +417,13 @@ class KafkaBroker:
         self.kill()
         raise ServerError(f"the Tansu broker did not answer on port {self.port}")
 
-    def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
-        if self.process is not None:
-            stop_process(self.process, grace)
-        self._forget()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            signal_group(self.process, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=_STOP_GRACE_SECONDS)
-        self._forget()
-
     def restart(self) -> KafkaBroker:
         """Stop and start on the same port (memory storage: the topics are gone)."""
         self.stop()
         return self.start()
 
-    def _forget(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _running.discard(self)
-
     def __enter__(self) -> KafkaBroker:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _answers(port: int | None) -> bool:
@@ -471,7 +436,7 @@ def _answers(port: int | None) -> bool:
     return True
 
 
-_running: set[SecantusServer | LocalChain | KafkaBroker] = set()
+_running: set[_ServerProcess] = set()
 
 
 @atexit.register
