@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 LOOPBACK = "127.0.0.1"
 SECANTUS_REPLICA_SET = "secantus"
@@ -92,10 +92,76 @@ def stop_process(process: subprocess.Popen, grace: float = _STOP_GRACE_SECONDS) 
 
 
 class _ServerProcess:
-    """What every local server shares: its process group, its log file, and stopping."""
+    """What every local server shares: starting it in a process group of its own with its
+    output in its log file, waiting until it answers, and stopping it.
 
+    A server names itself (`label`), says how it is started (`command()`) and when it is
+    ready (`answers()`: by default, it accepts a TCP connection on its port).
+    """
+
+    label: str
+    port: int | None
+    log_path: Path | None
     process: subprocess.Popen | None
     _log: IO[bytes] | None
+    # The process's environment (None: this one's).
+    environment: dict[str, str] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        """Whether the server accepts a TCP connection on its port."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            try:
+                sock.connect((LOOPBACK, self.port or 0))
+            except OSError:
+                return False
+        return True
+
+    def _prepare(self) -> None:
+        """Anything the server needs on disk before it starts."""
+
+    def _exit_hint(self) -> str:
+        return ""
+
+    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> Self:
+        """Start it (a no-op while it runs) and wait until it answers; ServerError with the
+        reason if it exits first or does not answer within `timeout` seconds."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if self.port is None:
+            self.port = free_port()
+        self._prepare()
+        command = self.command()
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
+        output: Any = self._log if self._log is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=self.environment,
+            start_new_session=True,
+        )
+        _running.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._forget()
+                raise ServerError(
+                    f"{self.label} exited with status {self.process.returncode} while starting"
+                    + self._exit_hint()
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            if self.answers():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise ServerError(f"{self.label} did not answer on port {self.port} within {timeout:.0f} s")
 
     def stop(self, grace: float = _STOP_GRACE_SECONDS) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds; idempotent."""
@@ -129,6 +195,8 @@ class SecantusServer(_ServerProcess):
     `sync_on_commit` syncs the log on each commit, which crash tests turn on. The port is
     chosen once, on the first start, and kept by `restart()`, so a client's URI stays valid.
     """
+
+    label = "SecantusDB"
 
     def __init__(
         self,
@@ -173,11 +241,7 @@ class SecantusServer(_ServerProcess):
             args.append("--enable-test-commands")
         return args + self.extra_args
 
-    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> SecantusServer:
-        if self.process is not None and self.process.poll() is None:
-            return self
-        if self.port is None:
-            self.port = free_port()
+    def _prepare(self) -> None:
         if self.storage is not None:
             try:
                 self.storage.mkdir(parents=True, exist_ok=True)
@@ -185,45 +249,6 @@ class SecantusServer(_ServerProcess):
                 raise ServerError(
                     f"cannot use {self.storage} as SecantusDB storage: {exc}"
                 ) from exc
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
-        output: Any = self._log if self._log is not None else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _running.add(self)
-        self._wait_ready(timeout)
-        return self
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"SecantusDB exited with status {self.process.returncode} while starting"
-                    + (f"; see {self.log_path}" if self.log_path else "")
-                )
-            if self.answers():
-                return
-            time.sleep(0.1)
-        self.kill()
-        raise ServerError(f"SecantusDB did not answer on port {self.port} within {timeout:.0f} s")
-
-    def answers(self) -> bool:
-        """Whether the server accepts a TCP connection (it speaks once it does)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            try:
-                sock.connect((LOOPBACK, self.port or 0))
-            except OSError:
-                return False
-        return True
 
     def restart(self, *, crash: bool = False) -> SecantusServer:
         """Stop (or kill, with `crash`) and start again on the same port and storage."""
@@ -245,6 +270,8 @@ class LocalChain(_ServerProcess):
     ganache prints its accounts' private keys when it starts, so its output goes to
     `log_path` (or nowhere), never to the terminal. Every start is a fresh chain.
     """
+
+    label = "ganache"
 
     def __init__(
         self,
@@ -290,39 +317,8 @@ class LocalChain(_ServerProcess):
             "--logging.quiet",
         ]  # fmt: skip
 
-    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> LocalChain:
-        if self.process is not None and self.process.poll() is None:
-            return self
-        if self.port is None:
-            self.port = free_port()
-        command = self.command()
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
-        output: Any = self._log if self._log is not None else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=self.environment,
-            start_new_session=True,
-        )
-        _running.add(self)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._forget()
-                raise ServerError(
-                    f"ganache exited with status {self.process.returncode} while starting "
-                    f"(port {self.port} taken?)"
-                    + (f"; see {self.log_path}" if self.log_path else "")
-                )
-            if self.answers():
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise ServerError(f"ganache did not answer on port {self.port} within {timeout:.0f} s")
+    def _exit_hint(self) -> str:
+        return f" (port {self.port} taken?)"
 
     def answers(self) -> bool:
         """Whether the node answers eth_chainId with our chain id (a short timeout, so a
@@ -350,6 +346,8 @@ class KafkaBroker(_ServerProcess):
     `restart()`. Same conventions as SecantusServer: its own process group, SIGTERM then
     SIGKILL, and killed at interpreter exit if still running.
     """
+
+    label = "the Tansu broker"
 
     def __init__(self, *, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port
@@ -386,37 +384,6 @@ class KafkaBroker(_ServerProcess):
             "memory://tansu/",
         ]
 
-    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> KafkaBroker:
-        if self.process is not None and self.process.poll() is None:
-            return self
-        if self.port is None:
-            self.port = free_port()
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open while it runs
-        output: Any = self._log if self._log is not None else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _running.add(self)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._forget()
-                raise ServerError(
-                    f"the Tansu broker exited with status {self.process.returncode} while "
-                    "starting" + (f"; see {self.log_path}" if self.log_path else "")
-                )
-            if _answers(self.port):
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise ServerError(f"the Tansu broker did not answer on port {self.port}")
-
     def restart(self) -> KafkaBroker:
         """Stop and start on the same port (memory storage: the topics are gone)."""
         self.stop()
@@ -424,16 +391,6 @@ class KafkaBroker(_ServerProcess):
 
     def __enter__(self) -> KafkaBroker:
         return self.start()
-
-
-def _answers(port: int | None) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        try:
-            sock.connect((LOOPBACK, port or 0))
-        except OSError:
-            return False
-    return True
 
 
 _running: set[_ServerProcess] = set()
