@@ -240,7 +240,8 @@ class Stack:
         for collection, ledger in self.ledgers.items():
             counts = ledger.check()
             counts.assert_clean(f"{scenario} {collection}")
-            assert counts.accepted > 0
+            # A collection the scenarios have written to has records in Certyo.
+            assert counts.accepted > 0 or not counts.versions, counts.line(scenario)
             replays += counts.replays
         return replays
 
@@ -335,10 +336,6 @@ def test_a_daemon_killed_mid_backfill_and_restarted_completes_it_shipping_each_h
     stack.assert_ledgers_clean("daemon killed mid-backfill")
 
 
-@pytest.mark.skip(
-    reason="fails at its ledger check: the killed worker's versions are counted only as "
-    "replays (accepted=0), so the scenario's accounting is being reworked"
-)
 def test_a_killed_run_worker_fails_its_run_and_the_retry_and_the_sensor_ship_the_rest(stack):
     stack.sandbox.script_faults(
         [{"path": RECORDS, "action": "delay", "seconds": 2.0, "times": 1_000_000}]
