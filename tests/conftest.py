@@ -9,7 +9,6 @@ pytest_plugins = [
     "fixtures.tcp_proxy",
     "fixtures.chain",
     "fixtures.postgres",
-    "fixtures.streams",
     "fixtures.kafka",
 ]
 

@@ -13,8 +13,8 @@ import time
 import pymongo
 import pytest
 from fixtures.ledger import StreamLedger
-from fixtures.sandbox import TENANT_A
-from fixtures.streams import REAL_MONGO_URI, fast_client
+from fixtures.mongo import REAL_URI
+from fixtures.sandbox import TENANT_A, fast_client
 
 from certyo_dagster.capture.change_events import LOOKUP_MISSING, event_version
 from certyo_dagster.capture.change_stream import (
@@ -61,21 +61,21 @@ def _fail_point_off(uri: str) -> None:
 
 
 @pytest.fixture
-def db(stream_mongo):
-    client = pymongo.MongoClient(stream_mongo.uri, appname=FP_APP, heartbeatFrequencyMS=500)
-    yield client[stream_mongo.database]
+def db(mongo):
+    client = pymongo.MongoClient(mongo.uri, appname=FP_APP, heartbeatFrequencyMS=500)
+    yield client[mongo.database]
     client.close()
 
 
 @pytest.fixture
-def ledger(db, stream_mongo, certyo_client, sandbox) -> StreamLedger:
-    return StreamLedger(db, _spec(stream_mongo), certyo_client, sandbox)
+def ledger(db, mongo, certyo_client, sandbox) -> StreamLedger:
+    return StreamLedger(db, _spec(mongo), certyo_client, sandbox)
 
 
 def test_snapshot_then_stream_covers_every_document_and_every_operation_once(
-    db, stream_mongo, certyo_client, ledger
+    db, mongo, certyo_client, ledger
 ):
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     ledger.seed([{"_id": i, "n": 0} for i in range(30)])
     first = _capture(db, spec, certyo_client, batch_size=7).run()
     assert first.snapshot_complete and first.snapshot_read == 30
@@ -90,8 +90,8 @@ def test_snapshot_then_stream_covers_every_document_and_every_operation_once(
     assert _capture(db, spec, certyo_client).run().events == 0
 
 
-def test_pitfall_write_back_does_not_feed_back_into_the_stream(db, stream_mongo, certyo_client):
-    spec = _spec(stream_mongo)
+def test_pitfall_write_back_does_not_feed_back_into_the_stream(db, mongo, certyo_client):
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     db.items.insert_one({"_id": 1, "n": 1})
     report = _capture(db, spec, certyo_client).run()
@@ -106,9 +106,9 @@ def test_pitfall_write_back_does_not_feed_back_into_the_stream(db, stream_mongo,
 
 
 def test_two_updates_of_one_document_within_one_second_give_two_records(
-    db, stream_mongo, certyo_client, ledger
+    db, mongo, certyo_client, ledger
 ):
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     ledger.insert({"_id": "a", "n": 0})
     first = ledger.update("a", {"n": 1})
@@ -147,9 +147,9 @@ def test_pitfall_quiet_collection_saves_the_post_batch_token(secantus_factory, c
 
 
 def test_pitfall_failed_ingestion_leaves_the_token_then_the_retry_ships_it(
-    db, stream_mongo, certyo_client, sandbox, ledger
+    db, mongo, certyo_client, sandbox, ledger
 ):
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     for i in range(40):
         ledger.insert({"_id": i, "n": i})
@@ -166,10 +166,8 @@ def test_pitfall_failed_ingestion_leaves_the_token_then_the_retry_ships_it(
     ledger.check().assert_clean("503 outage then retry")
 
 
-def test_503_and_429_storms_then_an_outage_lose_nothing(
-    db, stream_mongo, certyo_client, sandbox, ledger
-):
-    spec = _spec(stream_mongo)
+def test_503_and_429_storms_then_an_outage_lose_nothing(db, mongo, certyo_client, sandbox, ledger):
+    spec = _spec(mongo)
     ledger.seed([{"_id": i, "n": 0} for i in range(25)])
     sandbox.script_faults(
         [
@@ -193,18 +191,16 @@ def test_503_and_429_storms_then_an_outage_lose_nothing(
     ledger.check().assert_clean("503/429 storms, then an outage")
 
 
-def test_connection_cut_on_get_more_is_resumed_once_without_loss(
-    db, stream_mongo, certyo_client, ledger
-):
-    spec = _spec(stream_mongo)
+def test_connection_cut_on_get_more_is_resumed_once_without_loss(db, mongo, certyo_client, ledger):
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     for i in range(15):
         ledger.insert({"_id": i})
-    _fail_point(stream_mongo.uri, "getMore", closeConnection=True)
+    _fail_point(mongo.uri, "getMore", closeConnection=True)
     try:
         report = _capture(db, spec, certyo_client, batch_size=5).run()
     finally:
-        _fail_point_off(stream_mongo.uri)
+        _fail_point_off(mongo.uri)
     assert report.events == 15
     ledger.check().assert_clean("closeConnection on getMore")
 
@@ -214,19 +210,19 @@ def test_connection_cut_on_get_more_is_resumed_once_without_loss(
     [(286, "history_lost"), (280, "fatal_error"), (260, "invalid_resume_token")],
 )
 def test_lost_history_fatal_errors_and_bad_tokens_are_gaps_never_silent(
-    db, stream_mongo, certyo_client, ledger, code, reason
+    db, mongo, certyo_client, ledger, code, reason
 ):
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     ledger.seed([{"_id": i} for i in range(5)])
     _capture(db, spec, certyo_client).run()
     ledger.insert({"_id": "late"})
     saved = read_position(db, spec)
-    _fail_point(stream_mongo.uri, "getMore", errorCode=code)
+    _fail_point(mongo.uri, "getMore", errorCode=code)
     try:
         with pytest.raises(StreamGapError) as gap:
             _capture(db, spec, certyo_client).run()
     finally:
-        _fail_point_off(stream_mongo.uri)
+        _fail_point_off(mongo.uri)
     message = str(gap.value)
     assert gap.value.reason == reason
     assert f"{spec.database}.{spec.collection}" in message and saved.describe() in message
@@ -244,10 +240,8 @@ def test_lost_history_fatal_errors_and_bad_tokens_are_gaps_never_silent(
     ledger.check().assert_clean(f"gap {code} then resnapshot")
 
 
-def test_a_collection_drop_is_a_gap_and_a_resnapshot_recovers(
-    db, stream_mongo, certyo_client, ledger
-):
-    spec = _spec(stream_mongo)
+def test_a_collection_drop_is_a_gap_and_a_resnapshot_recovers(db, mongo, certyo_client, ledger):
+    spec = _spec(mongo)
     ledger.seed([{"_id": i} for i in range(5)])
     _capture(db, spec, certyo_client).run()
     ledger.insert({"_id": "before-drop"})
@@ -270,8 +264,8 @@ def test_a_collection_drop_is_a_gap_and_a_resnapshot_recovers(
     ledger.check().assert_clean("drop, gap, resnapshot")
 
 
-def test_ten_thousand_events_in_one_burst(db, stream_mongo, certyo_client, ledger):
-    spec = _spec(stream_mongo)
+def test_ten_thousand_events_in_one_burst(db, mongo, certyo_client, ledger):
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     with db.client.start_session() as session:
         db.items.insert_many([{"_id": i, "n": i} for i in range(10_000)], session=session)
@@ -286,10 +280,10 @@ def test_ten_thousand_events_in_one_burst(db, stream_mongo, certyo_client, ledge
     assert _capture(db, spec, certyo_client).run().events == 0
 
 
-def test_our_filtered_write_backs_never_end_a_run_early(db, stream_mongo, certyo_client, ledger):
+def test_our_filtered_write_backs_never_end_a_run_early(db, mongo, certyo_client, ledger):
     """A getMore that scans only filtered-out changes (our write-backs) comes back empty at
     once; that is not the end of the stream."""
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     db.items.insert_many([{"_id": i} for i in range(1500)])
     assert _capture(db, spec, certyo_client).run().events == 1500
@@ -303,10 +297,8 @@ def test_our_filtered_write_backs_never_end_a_run_early(db, stream_mongo, certyo
     assert len(records) == len({r["idempotencyKey"] for r in records}) == 1520
 
 
-def test_max_events_bounds_a_run_and_the_next_run_continues(
-    db, stream_mongo, certyo_client, ledger
-):
-    spec = _spec(stream_mongo)
+def test_max_events_bounds_a_run_and_the_next_run_continues(db, mongo, certyo_client, ledger):
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     for i in range(30):
         ledger.insert({"_id": i})
@@ -318,9 +310,9 @@ def test_max_events_bounds_a_run_and_the_next_run_continues(
 
 
 def test_update_then_delete_before_the_read_is_attested_not_dropped(
-    db, stream_mongo, certyo_client, ledger
+    db, mongo, certyo_client, ledger
 ):
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     ledger.insert({"_id": "gone", "n": 0})
     ledger.update("gone", {"n": 1})
@@ -333,9 +325,9 @@ def test_update_then_delete_before_the_read_is_attested_not_dropped(
 
 
 def test_a_poison_document_is_dead_lettered_and_the_stream_moves_on(
-    db, stream_mongo, certyo_client, ledger
+    db, mongo, certyo_client, ledger
 ):
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     ledger.insert({"_id": "big", "blob": "x" * 40_000})
     ledger.insert({"_id": "fine"})
@@ -346,10 +338,10 @@ def test_a_poison_document_is_dead_lettered_and_the_stream_moves_on(
     ledger.check().assert_clean("poison in the stream")
 
 
-def test_a_replay_after_a_lost_write_back_is_one_record(db, stream_mongo, certyo_client, ledger):
+def test_a_replay_after_a_lost_write_back_is_one_record(db, mongo, certyo_client, ledger):
     """Certyo accepted a batch but the position was not saved (a crash): the next run sends
     the same events again and Certyo answers with idempotent replays."""
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     _capture(db, spec, certyo_client).run()
     saved = db[CURSORS_COLLECTION].find_one({"_id": "items"})
     for i in range(12):
@@ -363,7 +355,7 @@ def test_a_replay_after_a_lost_write_back_is_one_record(db, stream_mongo, certyo
     ledger.check().assert_clean("replay after a lost position")
 
 
-def test_event_versions_are_unique_per_event_and_stable(db, stream_mongo):
+def test_event_versions_are_unique_per_event_and_stable(db, mongo):
     with db.items.watch(max_await_time_ms=200) as stream:
         db.items.insert_one({"_id": 1})
         db.items.update_one({"_id": 1}, {"$set": {"a": 1}})
@@ -380,13 +372,13 @@ def test_event_versions_are_unique_per_event_and_stable(db, stream_mongo):
 
 
 @pytest.mark.skipif(
-    not REAL_MONGO_URI,
+    not REAL_URI,
     reason="needs MongoDB's post-images: SecantusDB's whenAvailable/required return the "
     "current document, not the state after each update; set CERTYO_TEST_MONGO_URI",
 )
-def test_post_images_attest_the_state_after_each_update(db, stream_mongo, sandbox, ledger):
+def test_post_images_attest_the_state_after_each_update(db, mongo, sandbox, ledger):
     db.create_collection("items", changeStreamPreAndPostImages={"enabled": True})
-    spec = _spec(stream_mongo)
+    spec = _spec(mongo)
     with fast_client(sandbox) as client:
         _capture(db, spec, client, full_document="required").run()
         ledger.insert({"_id": 1, "v": 0})

@@ -63,15 +63,15 @@ def _run(db, spec, client, **options):
 
 @pytest.mark.parametrize("point", ["after_post", "after_write_back"])
 def test_sigkill_three_times_in_the_snapshot_and_three_times_in_the_stream(
-    stream_mongo, sandbox, certyo_client, point
+    mongo, sandbox, certyo_client, point
 ):
-    db = stream_mongo.db()
-    spec = CollectionSpec(stream_mongo.database, "items", capture="change_stream")
+    db = mongo.db()
+    spec = CollectionSpec(mongo.database, "items", capture="change_stream")
     ledger = StreamLedger(db, spec, certyo_client, sandbox)
     rng = random.Random(11)
     ledger.seed([{"_id": i, "n": 0} for i in range(45)])
     for kill in range(3):
-        killed = _kill_run(stream_mongo, sandbox, point, 2)
+        killed = _kill_run(mongo, sandbox, point, 2)
         assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
         position = read_position(db, spec)
         assert position.phase == "snapshot"
@@ -83,7 +83,7 @@ def test_sigkill_three_times_in_the_snapshot_and_three_times_in_the_stream(
     ledger.check(verify=False).assert_clean(f"SIGKILL in the snapshot ({point})")
     for _ in range(3):
         ledger.history(rng, 20, list(range(50)))
-        killed = _kill_run(stream_mongo, sandbox, point, 2)
+        killed = _kill_run(mongo, sandbox, point, 2)
         assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
         assert ledger.note_cursor() == 0
     _run(db, spec, certyo_client, batch_size=7)

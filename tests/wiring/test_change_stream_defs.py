@@ -22,9 +22,9 @@ OP = "stream_items_changes"
 
 
 @pytest.fixture
-def streamed(stream_mongo, sandbox):
-    spec = CollectionSpec(stream_mongo.database, "items", capture="change_stream")
-    return make_pipeline(stream_mongo, sandbox, collections=[spec])
+def streamed(mongo, sandbox):
+    spec = CollectionSpec(mongo.database, "items", capture="change_stream")
+    return make_pipeline(mongo, sandbox, collections=[spec])
 
 
 def _run(pipeline, raise_on_error=True, **config):
@@ -187,12 +187,12 @@ def test_sensor_requests_runs_by_position_and_saves_the_heartbeat(streamed):
     assert not failed.success  # a second run never moves the position alongside another
 
 
-def test_a_fresh_dagster_instance_resumes_from_certyo_cursors(streamed, stream_mongo, sandbox):
+def test_a_fresh_dagster_instance_resumes_from_certyo_cursors(streamed, mongo, sandbox):
     streamed.db.items.insert_many([{"_id": i} for i in range(5)])
     _run(streamed)
     streamed.db.items.insert_one({"_id": "later"})
     spec = streamed.spec("items")
-    fresh = make_pipeline(stream_mongo, sandbox, collections=[spec])
+    fresh = make_pipeline(mongo, sandbox, collections=[spec])
     assert fresh.instance is not streamed.instance
     result = _run(fresh)
     meta = result.asset_materializations_for_node(OP)[0].metadata
@@ -200,12 +200,12 @@ def test_a_fresh_dagster_instance_resumes_from_certyo_cursors(streamed, stream_m
     assert len(fresh.certyo_records(collection="items")) == 6
 
 
-def test_a_gap_turns_the_check_red_and_a_resnapshot_resolves_it(streamed, stream_mongo):
+def test_a_gap_turns_the_check_red_and_a_resnapshot_resolves_it(streamed, mongo):
     db = streamed.db
     db.items.insert_many([{"_id": i} for i in range(3)])
     _run(streamed)
     db.items.insert_one({"_id": "x"})
-    with pymongo.MongoClient(stream_mongo.uri) as admin:
+    with pymongo.MongoClient(mongo.uri) as admin:
         admin.admin.command(
             "configureFailPoint",
             "failCommand",
@@ -230,7 +230,7 @@ def test_a_gap_turns_the_check_red_and_a_resnapshot_resolves_it(streamed, stream
     assert db[GAPS_COLLECTION].count_documents({"resolvedAt": None}) == 0
 
 
-def test_sensor_retries_a_failed_position_but_never_loops_on_a_gap(streamed, stream_mongo):
+def test_sensor_retries_a_failed_position_but_never_loops_on_a_gap(streamed, mongo):
     streamed.db.items.insert_one({"_id": 0})
     _run(streamed)
     streamed.db.items.insert_one({"_id": 1})
@@ -246,7 +246,7 @@ def test_sensor_retries_a_failed_position_but_never_loops_on_a_gap(streamed, str
     )
     (retry,) = _tick(streamed).run_requests
     assert retry.run_key == f"{request.run_key}:after-0a1b2c3d"
-    with pymongo.MongoClient(stream_mongo.uri) as admin:
+    with pymongo.MongoClient(mongo.uri) as admin:
         admin.admin.command(
             "configureFailPoint",
             "failCommand",
