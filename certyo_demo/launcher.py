@@ -3,7 +3,7 @@
 Without `MONGO_URI` it starts SecantusDB (data in `.certyo_run/secantus`), seeds the demo
 catalog once and keeps it changing; without `CERTYO_BASE_URL` it starts `certyo-sandbox` with
 a short flush interval so anchoring shows within minutes. It checks that MongoDB and Certyo
-answer, then runs `dagster dev`. Everything it starts runs in a process group of its own, so
+answer, then runs `dg dev`. Everything it starts runs in a process group of its own, so
 Ctrl-C or SIGTERM stops all of it, including the webserver's and daemon's children.
 
 Settings are checked before anything starts, and every problem is one line, never a
@@ -41,7 +41,7 @@ import pymongo
 import requests
 from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
 
-from certyo_dagster.settings import ConfigError, PipelineSettings
+from certyo_dagster.settings import CAPTURE_MODES, ConfigError, PipelineSettings
 from certyo_dagster.ship.client import CertyoClient
 from certyo_dagster.ship.resource import INSECURE_HTTP_ENV
 from certyo_dagster.source.mongo import redact_uri
@@ -174,7 +174,7 @@ class Stack:
     ) -> bool:
         """True once the Dagster webserver answers; False if `stop` is set first.
 
-        LaunchError, with the end of its log, if dagster dev exits or the time runs out.
+        LaunchError, with the end of its log, if dg dev exits or the time runs out.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -183,7 +183,7 @@ class Stack:
             dagster = self.processes.get("dagster")
             if dagster is not None and dagster.poll() is not None:
                 raise LaunchError(
-                    f"dagster dev exited with {dagster.returncode}:\n{self.log_tail('dagster')}"
+                    f"dg dev exited with {dagster.returncode}:\n{self.log_tail('dagster')}"
                 )
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{self.dagster_url}/server_info", timeout=2).ok:
@@ -533,9 +533,9 @@ def start_stack(
     report: Callable[[str], None] = lambda line: None,
 ) -> Stack:
     """Check the settings, start SecantusDB and the sandbox (unless configured otherwise),
-    check both answer, seed and churn the demo catalog, and start `dagster dev`.
+    check both answer, seed and churn the demo catalog, and start `dg dev`.
 
-    `instance_config` is copied into DAGSTER_HOME; `workspace` is what `dagster dev` loads.
+    `instance_config` is copied into DAGSTER_HOME; `workspace` is what `dg dev` loads.
     `report` receives lines worth telling the user while starting. On any failure everything
     already started is stopped before the error propagates.
     """
@@ -649,9 +649,9 @@ def start_stack(
             stack.processes["dagster"] = _spawn(
                 "dagster",
                 [
-                    sys.executable,
-                    "-m",
-                    "dagster",
+                    # dg's dev command: the same webserver and daemon as `dagster dev`, which
+                    # Dagster now marks as superseded by it.
+                    str(Path(sys.executable).with_name("dg")),
                     "dev",
                     "-w",
                     str(workspace.resolve()),
@@ -704,6 +704,7 @@ def describe(stack: Stack) -> str:
         lines.append(
             f"  Demo catalog    {stack.seeded} products seeded; churn edits a few every 5 s"
         )
+    lines.append(f"  Capture         {spec.capture} (CERTYO_CAPTURE: {', '.join(CAPTURE_MODES)})")
     asset = f"{spec.database}/{spec.collection}/anchoring_status"
     lines.append(f"  Anchored docs   asset {asset}: {stack.dagster_url}/assets/{asset}")
     if stack.sandbox_url:
@@ -739,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workspace",
         type=Path,
         default=Path("workspace.yaml"),
-        help="Dagster workspace that dagster dev loads (workspace.yaml)",
+        help="Dagster workspace that dg dev loads (workspace.yaml)",
     )
     return parser
 

@@ -1,4 +1,4 @@
-"""`make run`'s launcher, without dagster dev: what it starts and configures, the one-line
+"""`make run`'s launcher, without dg dev: what it starts and configures, the one-line
 errors a wrong setting or an unreachable server gives, the run folder's lock, the old
 embedded store's data, the env file for a second shell, and that stopping it leaves nothing
 running."""
@@ -15,11 +15,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import requests
 from fixtures.sandbox import TENANT_A, TEST_KEY_A
 
+from certyo_dagster.settings import PipelineSettings
 from certyo_dagster.source.mongo import close_all_clients, open_client
+from certyo_dagster.wiring import build_definitions
 from certyo_demo.launcher import (
     LOCK_FILE,
     LaunchError,
@@ -142,6 +145,34 @@ def test_unconfigured_launch_starts_secantus_sandbox_seed_and_churn_then_stops_t
         close_all_clients()
     assert again.seeded == 0 and kept >= 200
     assert again.env["CERTYO_PARTITION_START"] == "2026-03-01T08:00"
+
+
+def test_change_stream_capture_demo_ships_the_catalog_from_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`CERTYO_CAPTURE=change_stream make run`: the same stack, captured by stream_products."""
+    environ = {**_base_env(), "CERTYO_CAPTURE": "change_stream"}
+    stack = _demo_stack(tmp_path / "run", environ=environ, seed_count=60, churn_interval=0.5)
+    try:
+        assert "Capture         change_stream" in describe(stack)
+        for name, value in stack.env.items():
+            monkeypatch.setenv(name, value)
+        defs = build_definitions(PipelineSettings.from_env(stack.env))
+        assert not [j for j in defs.resolve_all_job_defs() if j.name.startswith("ingest_")]
+        job = defs.resolve_job_def("stream_products")
+        result = job.execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(),
+            run_config={"ops": {"stream_products_changes": {"config": {"max_seconds": 15}}}},
+        )
+        assert result.success
+        stats = requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).json()
+        assert stats["records_stored"] >= 60  # the snapshot, then the churn's changes
+        close_all_clients()
+        products = open_client(stack.env["MONGO_URI"])["productdb"]["products"]
+        assert products.count_documents({"certyo_status": "pending"}) >= 60
+    finally:
+        stack.stop()
+        close_all_clients()
 
 
 def test_env_file_gives_a_second_shell_the_stack_environment(tmp_path: Path) -> None:
