@@ -149,15 +149,9 @@ def precheck(doc: Mapping[str, Any], spec: CollectionSpec) -> Outcome | None:
         return Outcome("stale")  # the timestamp is gone or not a date: not the ingested version
     if version != doc.get(VERSION):
         return Outcome("stale")
-    if not isinstance(expected, str):
-        return _failed(MISSING_RECORD_HASH, "the document is pending without certyo_record_hash")
-    try:
-        record_hash_bytes(expected)
-        current = record_hash(sanitize_document(doc))
-    except PoisonDocumentError as exc:
-        return _failed(UNHASHABLE, f"the current payload cannot be hashed: {exc}")
-    except ValueError as exc:
-        return _failed(MISSING_RECORD_HASH, str(exc))
+    current = _current_hash(doc, expected)
+    if isinstance(current, Outcome):
+        return current
     if current != expected:
         return _failed(
             PAYLOAD_CHANGED,
@@ -174,16 +168,24 @@ def _precheck_streamed(doc: Mapping[str, Any], expected: Any) -> Outcome | None:
     new version and hash. So a document whose payload no longer hashes to its label was edited
     after the labelled change and waits for that edit's event: stale, never a failure.
     """
+    current = _current_hash(doc, expected)
+    if isinstance(current, Outcome):
+        return current
+    return None if current == expected else Outcome("stale")
+
+
+def _current_hash(doc: Mapping[str, Any], expected: Any) -> str | Outcome:
+    """The hash of the document's current payload, or the failure that keeps it from being
+    compared with its label `expected` (no label, a malformed label, an unhashable payload)."""
     if not isinstance(expected, str):
         return _failed(MISSING_RECORD_HASH, "the document is pending without certyo_record_hash")
     try:
         record_hash_bytes(expected)
-        current = record_hash(sanitize_document(doc))
+        return record_hash(sanitize_document(doc))
     except PoisonDocumentError as exc:
         return _failed(UNHASHABLE, f"the current payload cannot be hashed: {exc}")
     except ValueError as exc:
         return _failed(MISSING_RECORD_HASH, str(exc))
-    return None if current == expected else Outcome("stale")
 
 
 def check_proof(response: Mapping[str, Any], verified_hash: str) -> str | None:
