@@ -342,8 +342,14 @@ def test_a_killed_run_worker_fails_its_run_and_the_retry_and_the_sensor_ship_the
     )
     ledger = stack.ledgers["alpha"]
     started = datetime.now(timezone.utc).replace(microsecond=0, tzinfo=None)
-    for n in range(8):
-        ledger.write(_document(ObjectId(), started + timedelta(milliseconds=n + 1), "alpha"))
+    written = [
+        ledger.write(_document(ObjectId(), started + timedelta(milliseconds=n + 1), "alpha")).key
+        for n in range(8)
+    ]
+
+    def shipped() -> int:
+        acknowledged = ledger._acknowledged_keys()
+        return sum(key in acknowledged for key in written)
 
     def worker_of_alpha():
         runs = stack.dagster.runs(
@@ -353,8 +359,12 @@ def test_a_killed_run_worker_fails_its_run_and_the_retry_and_the_sensor_ship_the
         return (runs[0], workers) if runs and len(workers) == 1 else None
 
     run, (worker,) = wait_until(worker_of_alpha, 180, "a run of alpha in progress", every=0.5)
-    time.sleep(4)  # its step is between Certyo calls now
+    # One record per call, each held 2 s: kill the worker once Certyo holds the first.
+    wait_until(shipped, 120, "the run's first record at Certyo", every=0.2)
     os.kill(worker, signal.SIGKILL)
+    at_kill = shipped()
+    print(f"killed the run worker with {at_kill} of {len(written)} records at Certyo")
+    assert 0 < at_kill < len(written), "the worker was killed in the middle of its run"
     failed = wait_until(
         lambda: (r := stack.dagster.instance.get_run_by_id(run.run_id)).status in FINISHED and r,
         120,
