@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
 SECANTUS_REPLICA_SET = "secantus"
@@ -91,6 +91,9 @@ def stop_process(process: subprocess.Popen, grace: float = _STOP_GRACE_SECONDS) 
         process.wait(timeout=grace)
 
 
+_Server = TypeVar("_Server", bound="_ServerProcess")
+
+
 class _ServerProcess:
     """What every local server shares: starting it in a process group of its own with its
     output in its log file, waiting until it answers, and stopping it.
@@ -126,7 +129,7 @@ class _ServerProcess:
     def _exit_hint(self) -> str:
         return ""
 
-    def start(self, timeout: float = _START_TIMEOUT_SECONDS) -> Self:
+    def start(self: _Server, timeout: float = _START_TIMEOUT_SECONDS) -> _Server:
         """Start it (a no-op while it runs) and wait until it answers; ServerError with the
         reason if it exits first or does not answer within `timeout` seconds."""
         if self.process is not None and self.process.poll() is None:
