@@ -36,6 +36,7 @@ from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
 from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
+from certyo_dagster.wiring.source import collection_source
 
 POSITION_TAG = "certyo/position"
 # dagster.yaml limits runs per value of this tag to one.
@@ -103,12 +104,9 @@ def build_change_stream_defs(spec: CollectionSpec, settings: PipelineSettings) -
     keys = stream_keys(spec)
     group = spec.collection
     job_name = f"stream_{spec.collection}"
-    source = dg.AssetSpec(
-        keys["source"],
-        description=f"The MongoDB collection {spec.database}.{spec.collection}, captured by "
-        "its change stream.",
-        group_name=group,
-        kinds={"mongodb"},
+    source = collection_source(
+        spec,
+        f"The MongoDB collection {spec.database}.{spec.collection}, captured by its change stream.",
     )
     specs = [
         dg.AssetSpec(

@@ -26,6 +26,7 @@ from certyo_dagster.source.kafka import KafkaResource, probe_lag
 from certyo_dagster.source.mongo import MongoResource, redact_uri_text
 from certyo_dagster.wiring.ingestion import CERTYO_POOL
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
+from certyo_dagster.wiring.source import collection_source
 
 RETRY_FAILED_RUN_AFTER = timedelta(minutes=5)
 
@@ -62,12 +63,10 @@ def job_name(spec: CollectionSpec) -> str:
 
 def build_debezium_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     key = debezium_key(spec)
-    source = dg.AssetSpec(
-        dg.AssetKey([spec.database, spec.collection]),
-        description=f"The MongoDB collection {spec.database}.{spec.collection}, captured by "
+    source = collection_source(
+        spec,
+        f"The MongoDB collection {spec.database}.{spec.collection}, captured by "
         "Debezium into Kafka.",
-        group_name=spec.collection,
-        kinds={"mongodb"},
     )
 
     @dg.asset(

@@ -28,6 +28,7 @@ from certyo_dagster.source.mongo import MongoResource, describe_mongo_error, red
 from certyo_dagster.wiring.partitions import hourly_partitions
 from certyo_dagster.wiring.schedules import build_ingest_schedule
 from certyo_dagster.wiring.sensors import build_change_sensor
+from certyo_dagster.wiring.source import collection_source
 
 CERTYO_POOL = "certyo"
 
@@ -73,12 +74,10 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
     keys = asset_keys(spec)
     group = spec.collection
     partitions = hourly_partitions(spec)
-    source = dg.AssetSpec(
-        keys["source"],
-        description=f"The MongoDB collection {spec.database}.{spec.collection}, versioned by "
+    source = collection_source(
+        spec,
+        f"The MongoDB collection {spec.database}.{spec.collection}, versioned by "
         f"`{spec.timestamp_field}`.",
-        group_name=group,
-        kinds={"mongodb"},
     )
     specs = [
         dg.AssetSpec(
