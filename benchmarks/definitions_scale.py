@@ -7,7 +7,9 @@ For 10, 100 and 300 collections (CERTYO_COLLECTIONS=c0000,c0001,...):
   over the repository snapshot, which the webserver and the daemon fetch first and which the
   server builds on demand. Its RSS then is the code server's memory. The same is measured for a
   code location of no collection's own (a module that only imports dagster and the product),
-  the baseline every code server pays.
+  the baseline every code server pays. Its CPU seconds until then are reported too: they
+  are what the load costs on a core of its own, while the wall-clock seconds on a shared
+  machine also count the waiting for a core.
 - tick: in this process, the change sensor of every collection ticks twice against a
   SecantusDB (one database, N collections of 10 documents each, all older than the
   sensor's cursor and its lookback: idle). The second tick is timed: the steady state.
@@ -67,6 +69,14 @@ def rss_tree_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far: what the load costs, whatever else the machine
+    runs (wall-clock seconds on a shared machine also count the waiting for a core)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def code_server(env: dict[str, str], target: list[str], timeout: float = 300) -> dict[str, Any]:
     """Start `dagster api grpc`, time it until it serves, read its RSS, stop it."""
     port = free_port()
@@ -101,6 +111,8 @@ def code_server(env: dict[str, str], target: list[str], timeout: float = 300) ->
         seconds = time.perf_counter() - began
         return {
             "load_seconds": round(seconds, 3),
+            "load_cpu_seconds": round(cpu_seconds(process.pid), 2),
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "serving_seconds": round(serving, 3),
             "snapshot_mb": round(len(snapshot) / 1e6, 2),
             "rss_mb": round(rss_tree_mb(process.pid), 1),
@@ -228,12 +240,13 @@ def main() -> None:
 
     baseline_load = median([r["load_seconds"] for r in results["baseline"]])
     baseline_rss = median([r["rss_mb"] for r in results["baseline"]])
+    baseline_cpu = median([r["load_cpu_seconds"] for r in results["baseline"]])
     print(
-        f"\nbaseline code server (no collection): load {baseline_load:.2f} s, "
-        f"RSS {baseline_rss:.0f} MB"
+        f"\nbaseline code server (no collection): load {baseline_load:.2f} s "
+        f"({baseline_cpu:.2f} s CPU), RSS {baseline_rss:.0f} MB"
     )
     print(
-        "collections | load s | load - baseline | build s (in process) | RSS MB "
+        "collections | load s | load - baseline | CPU s | build s (in process) | RSS MB "
         "| RSS - baseline | tick ms median/p95"
     )
     summary = {}
@@ -242,6 +255,7 @@ def main() -> None:
             key: median([r[key] for r in runs])
             for key in (
                 "load_seconds",
+                "load_cpu_seconds",
                 "rss_mb",
                 "in_process_build_seconds",
                 "tick_ms_median",
@@ -251,7 +265,7 @@ def main() -> None:
         summary[size] = row
         print(
             f"{size:>11} | {row['load_seconds']:6.2f} | {row['load_seconds'] - baseline_load:15.2f}"
-            f" | {row['in_process_build_seconds']:20.2f}"
+            f" | {row['load_cpu_seconds']:5.2f} | {row['in_process_build_seconds']:20.2f}"
             f" | {row['rss_mb']:6.0f} | {row['rss_mb'] - baseline_rss:14.0f}"
             f" | {row['tick_ms_median']:.1f} / {row['tick_ms_p95']:.1f}"
         )
