@@ -26,7 +26,6 @@ from certyo_dagster.settings import (
     collections_named_in,
 )
 from certyo_dagster.wiring import build_collection_definitions
-from certyo_dagster.wiring.jobs import resolve_asset_jobs
 from certyo_dagster.wiring.resources import default_resources
 
 DEFS_MODULE = "certyo_dagster.defs"
@@ -63,12 +62,10 @@ def build_location(
         # Loading Python files of a defs folder is marked preview; it is what dg does itself.
         warnings.simplefilter("ignore", dg.PreviewWarning)
         folder_defs = tree.build_defs()
-    return resolve_asset_jobs(
-        dg.Definitions.merge(
-            folder_defs,
-            *(build_collection_definitions(spec, settings) for spec in from_env),
-            dg.Definitions(resources=default_resources(everything)),
-        )
+    return dg.Definitions.merge(
+        folder_defs,
+        *(build_collection_definitions(spec, settings) for spec in from_env),
+        dg.Definitions(resources=default_resources(everything)),
     )
 
 

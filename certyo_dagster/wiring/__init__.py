@@ -15,7 +15,6 @@ from certyo_dagster.settings import CollectionSpec, PipelineSettings
 from certyo_dagster.wiring.change_stream import build_change_stream_defs
 from certyo_dagster.wiring.debezium import build_debezium_defs
 from certyo_dagster.wiring.ingestion import build_ingestion_defs
-from certyo_dagster.wiring.jobs import resolve_asset_jobs
 from certyo_dagster.wiring.proofs import build_proof_defs
 from certyo_dagster.wiring.resources import default_resources
 from certyo_dagster.wiring.verification import build_verification_defs
@@ -47,6 +46,4 @@ def build_definitions(
     """All collections' definitions plus the `mongo` and `certyo` resources."""
     per_collection = [build_collection_definitions(s, settings) for s in settings.collections]
     resources = dict(resources) if resources is not None else default_resources(settings)
-    return resolve_asset_jobs(
-        dg.Definitions.merge(*per_collection, dg.Definitions(resources=resources))
-    )
+    return dg.Definitions.merge(*per_collection, dg.Definitions(resources=resources))

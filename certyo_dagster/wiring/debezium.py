@@ -25,6 +25,7 @@ from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.kafka import KafkaResource, probe_lag
 from certyo_dagster.source.mongo import MongoResource, redact_uri_text
 from certyo_dagster.wiring.ingestion import CERTYO_POOL
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
 from certyo_dagster.wiring.source import collection_source
 
@@ -132,9 +133,9 @@ def build_debezium_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.
             },
         )
 
-    job = dg.define_asset_job(
+    job = asset_job(
         job_name(spec),
-        selection=dg.AssetSelection.assets(key),
+        [key],
         description=f"Read Debezium's events of {spec.database}.{spec.collection} from Kafka "
         "and ship them to Certyo in order.",
         tags={"certyo/collection": spec.collection},

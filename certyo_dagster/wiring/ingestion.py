@@ -25,6 +25,7 @@ from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIn
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.ship.shipping import BULK_MAX_RECORDS, DEFAULT_MAX_IN_FLIGHT, Shipper
 from certyo_dagster.source.mongo import MongoResource, describe_mongo_error, redact_uri_text
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.partitions import hourly_partitions
 from certyo_dagster.wiring.schedules import build_ingest_schedule
 from certyo_dagster.wiring.sensors import build_change_sensor
@@ -225,9 +226,9 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
             metadata={"untimestamped_documents": untimestamped},
         )
 
-    job = dg.define_asset_job(
+    job = asset_job(
         f"ingest_{spec.collection}",
-        selection=dg.AssetSelection.assets(*[s.key for s in specs]),
+        [s.key for s in specs],
         description=f"Ship every unacknowledged version of {spec.database}.{spec.collection} "
         "in the partition's hour to Certyo.",
         tags={"certyo/collection": spec.collection},

@@ -1,20 +1,19 @@
 """Asset jobs resolved against their own assets, not the whole location's asset graph.
 
-Dagster resolves every `define_asset_job` against the full asset graph of the code location:
-each resolution walks every asset definition, so a location of N collections (3 asset jobs
-each) spends N jobs × N assets when it loads, and that part alone grew ~7× from 100 to 300
-collections. A job only ever contains its selected assets, their checks and the definitions
-directly upstream or alongside them (unexecutable), which is what `get_asset_graph_for_job`
-keeps of the full graph. `resolve_asset_jobs` hands each job just those definitions, taken
-from the full graph built once, with the same resources and executor the location would
-give it, so the jobs Dagster shows and runs are the ones it would have built itself.
+Dagster resolves every `define_asset_job` against the full asset graph of the code location,
+and each resolution walks every asset definition: a location of N collections (3 asset jobs
+each) spent N jobs × N assets when it loaded, the part that grew fastest with N. A job only
+ever contains its selected assets, their checks and the definitions directly upstream of or
+sharing an op with them (as unexecutable assets); that is all `get_asset_graph_for_job`
+keeps of the full graph. `asset_job` builds the same job as `dg.define_asset_job`, but when
+Dagster resolves it, it is handed just those definitions, taken from the location's graph.
+Resolution stays lazy: a run worker that needs one job resolves only that one.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
 from dagster._core.definitions.asset_selection import KeysAssetSelection
@@ -22,110 +21,53 @@ from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
 from dagster._core.definitions.unresolved_asset_job_definition import (
     UnresolvedAssetJobDefinition,
 )
-from dagster._core.execution.build_resources import wrap_resources_for_execution
+from dagster_shared.record import as_dict
 
 
-def resolve_asset_jobs(defs: dg.Definitions) -> dg.Definitions:
-    """`defs` with each asset job that selects asset keys resolved against its own assets.
+class OwnAssetsJob(UnresolvedAssetJobDefinition):
+    """A `define_asset_job` job resolved against only the definitions it contains."""
 
-    Jobs with any other kind of selection, and locations with their own executor, are left to
-    Dagster. Schedules and sensors that target a resolved job are pointed at it.
-    """
-    if defs.executor is not None:
-        return defs
-    unresolved = _resolvable_jobs(defs)
-    if not unresolved:
-        return defs
-    resources = wrap_resources_for_execution(defs.resources)
-    graph = dg.Definitions(
-        assets=defs.assets, asset_checks=defs.asset_checks, resources=resources
-    ).resolve_asset_graph()
-    checks_by_asset: dict[dg.AssetKey, list[dg.AssetsDefinition]] = defaultdict(list)
-    for check_key in graph.asset_check_keys:
-        checks_by_asset[check_key.asset_key].append(graph.assets_def_for_key(check_key))
-
-    resolved: dict[str, dg.JobDefinition] = {}
-    for name, job in unresolved.items():
-        selected = set(job.selection.selected_keys)  # type: ignore[attr-defined]
-        if not all(graph.has(key) for key in selected):
-            continue  # Dagster reports the missing keys
-        own = {graph.assets_def_for_key(key) for key in selected}
-        own.update(ad for key in selected for ad in checks_by_asset[key])
-        neighbours = {
-            key
-            for ad in own
-            for key in (*ad.node_keys_by_input_name.values(), *ad.node_keys_by_output_name.values())
-            if graph.has(key)
-        }
-        own.update(graph.assets_def_for_key(key) for key in neighbours)
-        resolved[name] = job.resolve(
-            asset_graph=AssetGraph.from_assets(list(own)), resource_defs=resources
+    def resolve(
+        self,
+        asset_graph: Any,
+        default_executor_def: dg.ExecutorDefinition | None = None,
+        resource_defs: Mapping[str, dg.ResourceDefinition] | None = None,
+    ) -> dg.JobDefinition:
+        return super().resolve(
+            asset_graph=job_neighbourhood(asset_graph, self.selection),
+            default_executor_def=default_executor_def,
+            resource_defs=resource_defs,
         )
-    return dg.Definitions(
-        assets=defs.assets,
-        asset_checks=defs.asset_checks,
-        jobs=[_swap(job, resolved) for job in defs.jobs or []],
-        schedules=[_retarget_schedule(s, resolved) for s in defs.schedules or []],
-        sensors=[_retarget_sensor(s, resolved) for s in defs.sensors or []],
-        resources=defs.resources,
-        loggers=defs.loggers,
-        metadata=defs.metadata,
-        component_tree=defs.component_tree,
-    )
 
 
-def _resolvable_jobs(defs: dg.Definitions) -> dict[str, UnresolvedAssetJobDefinition]:
-    """The key-selection asset jobs of `defs`, its schedules and sensors, one per name."""
-    candidates: list[object] = list(defs.jobs or [])
-    for schedule in defs.schedules or []:
-        if isinstance(schedule, dg.ScheduleDefinition) and schedule.target.has_job_def:
-            candidates.append(schedule.job)
-    for sensor in defs.sensors or []:
-        candidates.extend(t.job_def for t in sensor.targets if t.has_job_def)
-    jobs: dict[str, UnresolvedAssetJobDefinition] = {}
-    conflicting: set[str] = set()
-    for job in _unique(candidates):
-        if not isinstance(job, UnresolvedAssetJobDefinition):
-            conflicting.add(getattr(job, "name", ""))
-        elif not isinstance(job.selection, KeysAssetSelection):
-            conflicting.add(job.name)
-        elif job.name in jobs and jobs[job.name] is not job:
-            conflicting.add(job.name)  # Dagster decides whether they are the same job
-        else:
-            jobs[job.name] = job
-    return {name: job for name, job in jobs.items() if name not in conflicting}
+def asset_job(name: str, keys: list[dg.AssetKey], **kwargs: Any) -> OwnAssetsJob:
+    """`dg.define_asset_job(name, selection=keys, ...)`, resolved against its own assets."""
+    job = dg.define_asset_job(name, selection=dg.AssetSelection.assets(*keys), **kwargs)
+    return OwnAssetsJob(**as_dict(job))
 
 
-def _unique(objects: Iterable[object]) -> list[object]:
-    return list({id(o): o for o in objects}.values())
+def job_neighbourhood(graph: Any, selection: dg.AssetSelection) -> Any:
+    """The part of `graph` a job of `selection` is built from; `graph` itself when unsure.
 
-
-def _swap(job: object, resolved: Mapping[str, dg.JobDefinition]) -> object:
-    if isinstance(job, UnresolvedAssetJobDefinition) and job.name in resolved:
-        return resolved[job.name]
-    return job
-
-
-def _retarget_schedule(schedule: object, resolved: Mapping[str, dg.JobDefinition]) -> object:
-    if (
-        isinstance(schedule, dg.ScheduleDefinition)
-        and schedule.target.has_job_def
-        and isinstance(schedule.job, UnresolvedAssetJobDefinition)
-        and schedule.job.name in resolved
-    ):
-        return schedule.with_updated_job(resolved[schedule.job.name])
-    return schedule
-
-
-def _retarget_sensor(
-    sensor: dg.SensorDefinition, resolved: Mapping[str, dg.JobDefinition]
-) -> dg.SensorDefinition:
-    targets = list(sensor.targets)
-    if not targets or not all(t.has_job_def for t in targets):
-        return sensor
-    if not any(_swap(t.job_def, resolved) is not t.job_def for t in targets):
-        return sensor
-    with warnings.catch_warnings():
-        # Dagster copies the sensor's `owners` through a parameter it marks beta.
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        return sensor.with_updated_jobs([_swap(t.job_def, resolved) for t in targets])  # type: ignore[list-item]
+    That is the definitions of the selected assets and of the checks on them, plus every
+    definition holding a key those read or produce, and the checks on those keys: everything
+    `get_asset_graph_for_job` may take as executable or unexecutable. Definitions are taken
+    as they are in `graph` (resources bound, dependencies resolved), so the job is the one
+    Dagster would build from the whole graph.
+    """
+    if not isinstance(graph, AssetGraph) or not isinstance(selection, KeysAssetSelection):
+        return graph
+    selected = set(selection.selected_keys)
+    if not all(graph.has(key) for key in selected):
+        return graph  # Dagster names the missing keys
+    own = {graph.assets_def_for_key(key) for key in selected}
+    own.update(graph.assets_def_for_key(c) for key in selected for c in graph.get(key).check_keys)
+    neighbours = {
+        key
+        for ad in own
+        for key in (*ad.node_keys_by_input_name.values(), *ad.node_keys_by_output_name.values())
+        if graph.has(key)
+    }
+    own.update(graph.assets_def_for_key(key) for key in neighbours)
+    own.update(graph.assets_def_for_key(c) for key in neighbours for c in graph.get(key).check_keys)
+    return AssetGraph.from_assets(list(own))

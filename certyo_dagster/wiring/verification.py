@@ -48,6 +48,7 @@ from certyo_dagster.verify.pending import (
 )
 from certyo_dagster.wiring.debezium import debezium_key
 from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES, default_status
 
 
@@ -223,9 +224,9 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
         yield dg.MaterializeResult(metadata=audit_metadata(report))
         yield tamper_check(report)
 
-    verify_job = dg.define_asset_job(
+    verify_job = asset_job(
         f"verify_{spec.collection}",
-        selection=dg.AssetSelection.assets(keys["anchoring_status"]),
+        [keys["anchoring_status"]],
         description=f"Verify pending versions of {spec.database}.{spec.collection} with Certyo "
         "and write certyo_status back.",
         tags={"certyo/collection": spec.collection},
@@ -241,9 +242,9 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
             }
         },
     )
-    audit_job = dg.define_asset_job(
+    audit_job = asset_job(
         f"tamper_audit_{spec.collection}",
-        selection=dg.AssetSelection.assets(keys["tamper_audit"]),
+        [keys["tamper_audit"]],
         description=f"Re-hash every anchored document of {spec.database}.{spec.collection}.",
         tags={"certyo/collection": spec.collection},
     )

@@ -1,7 +1,7 @@
 """Asset jobs resolved against their own assets are the jobs Dagster builds from the whole graph.
 
-`resolve_asset_jobs` exists so that a location of many collections loads without resolving
-every job against every asset; what Dagster shows and runs must not change.
+`OwnAssetsJob` exists so that a location of many collections loads without resolving every
+job against every asset; what Dagster shows and runs must not change.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._serdes import serialize_value
 
 from certyo_dagster.settings import PipelineSettings, parse_collections
-from certyo_dagster.wiring import build_collection_definitions, build_definitions
-from certyo_dagster.wiring.jobs import resolve_asset_jobs
-from certyo_dagster.wiring.resources import default_resources
+from certyo_dagster.wiring import build_definitions
+from certyo_dagster.wiring.jobs import OwnAssetsJob, asset_job
 
 
 @pytest.fixture
@@ -33,14 +32,6 @@ def settings(monkeypatch) -> PipelineSettings:
             replace(debezium, capture="debezium"),
             other,
         ]
-    )
-
-
-def dagsters_own(settings: PipelineSettings) -> dg.Definitions:
-    """The same definitions with every job left to Dagster's resolution."""
-    return dg.Definitions.merge(
-        *(build_collection_definitions(spec, settings) for spec in settings.collections),
-        dg.Definitions(resources=default_resources(settings)),
     )
 
 
@@ -58,41 +49,34 @@ def job_summary(repo: dg.RepositoryDefinition) -> dict:
     return summary
 
 
-def test_the_location_snapshot_and_every_job_are_what_dagster_resolves_itself(settings):
+def test_the_location_snapshot_and_every_job_are_what_dagster_resolves_itself(
+    settings, monkeypatch
+):
     ours = build_definitions(settings).get_repository_def()
-    theirs = dagsters_own(settings).get_repository_def()
+    our_snapshot = serialize_value(RepositorySnap.from_def(ours))
+    our_jobs = job_summary(ours)
+    # Dagster's own resolution, against the whole location's graph.
+    monkeypatch.setattr(OwnAssetsJob, "resolve", UnresolvedAssetJobDefinition.resolve)
+    theirs = build_definitions(settings).get_repository_def()
 
-    assert serialize_value(RepositorySnap.from_def(ours)) == serialize_value(
-        RepositorySnap.from_def(theirs)
-    )
-    assert job_summary(ours) == job_summary(theirs)
-    assert {"ingest_a", "stream_b", "debezium_c", "verify_d", "tamper_audit_d"} <= set(
-        job_summary(ours)
-    )
-
-
-def test_schedules_and_sensors_launch_the_resolved_jobs(settings):
-    defs = build_definitions(settings)
-    jobs = {job.name: job for job in defs.jobs}
-    assert not any(isinstance(job, UnresolvedAssetJobDefinition) for job in jobs.values())
-    for schedule in defs.schedules:
-        assert schedule.job is jobs[schedule.job.name], schedule.name
-    for sensor in defs.sensors:
-        for target in sensor.targets:
-            if target.has_job_def:
-                assert target.job_def is jobs[target.job_def.name], sensor.name
+    assert our_snapshot == serialize_value(RepositorySnap.from_def(theirs))
+    assert our_jobs == job_summary(theirs)
+    assert {"ingest_a", "stream_b", "debezium_c", "verify_d", "tamper_audit_d"} <= set(our_jobs)
 
 
-def test_each_job_holds_only_its_own_collection(settings):
+def test_each_job_is_resolved_from_its_own_collection_only(settings):
     repo = build_definitions(settings).get_repository_def()
     for name in ("ingest_a", "verify_a", "stream_b", "debezium_c", "tamper_audit_d"):
         collection = name.rsplit("_", 1)[1]
-        keys = repo.get_job(name).asset_layer.asset_graph.get_all_asset_keys()
-        assert {key.path[1] for key in keys} == {collection}, name
+        graph = repo.get_job(name).asset_layer.asset_graph
+        assert {key.path[1] for key in graph.get_all_asset_keys()} == {collection}, name
+        assert {key.path[1] for key in graph.source_asset_graph.get_all_asset_keys()} == {
+            collection
+        }, name
 
 
-def test_jobs_of_any_other_selection_are_left_to_dagster():
-    @dg.asset(group_name="reports")
+def test_an_asset_job_runs_and_a_missing_key_is_reported_as_dagster_reports_it():
+    @dg.asset
     def report() -> None:
         pass
 
@@ -100,20 +84,12 @@ def test_jobs_of_any_other_selection_are_left_to_dagster():
     def summary() -> None:
         pass
 
-    by_group = dg.define_asset_job("reports_job", selection=dg.AssetSelection.groups("reports"))
-    by_key = dg.define_asset_job("summary_job", selection=dg.AssetSelection.assets(summary))
-    schedule = dg.ScheduleDefinition(name="nightly", cron_schedule="0 0 * * *", job=by_key)
-    defs = dg.Definitions(assets=[report, summary], jobs=[by_group], schedules=[schedule])
-
-    resolved = resolve_asset_jobs(defs)
-
-    assert resolved.jobs[0] is by_group
-    assert not isinstance(resolved.schedules[0].job, UnresolvedAssetJobDefinition)
-    ours, theirs = resolved.get_repository_def(), defs.get_repository_def()
-    assert serialize_value(RepositorySnap.from_def(ours)) == serialize_value(
-        RepositorySnap.from_def(theirs)
-    )
-    assert job_summary(ours) == job_summary(theirs)
-    result = resolved.resolve_job_def("summary_job").execute_in_process()
+    job = asset_job("summary_job", [summary.key])
+    defs = dg.Definitions(assets=[report, summary], jobs=[job])
+    result = defs.resolve_job_def("summary_job").execute_in_process()
     assert result.success
     assert [e.asset_key for e in result.get_asset_materialization_events()] == [summary.key]
+
+    missing = asset_job("missing_job", [dg.AssetKey("nowhere")])
+    with pytest.raises(dg.DagsterInvalidDefinitionError, match="missing_job"):
+        dg.Definitions(assets=[report], jobs=[missing]).resolve_job_def("missing_job")
