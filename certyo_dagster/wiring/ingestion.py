@@ -10,7 +10,6 @@ lineage in the UI is the same as with three steps; memory stays flat.
 from datetime import datetime, timedelta
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
@@ -279,4 +278,6 @@ def _counts(report: IngestReport) -> dict:
 def _preview_markdown(report: IngestReport) -> str:
     if not report.preview:
         return "_No records were sent in this run._"
+    import pandas as pd  # here, not at the top: every code server and run worker loads this module
+
     return pd.DataFrame(report.preview).to_markdown(index=False)

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
@@ -304,6 +303,8 @@ def status_table(
     summary: AnchoringSummary, report: VerifyReport, now: datetime, deadline: timedelta
 ) -> str:
     """The Markdown report: documents per certyo_status, then the anchoring indicators."""
+    import pandas as pd  # here, not at the top: every code server and run worker loads this module
+
     counts = pd.DataFrame(
         [{"certyo_status": status, "documents": n} for status, n in summary.by_status.items()]
     )
