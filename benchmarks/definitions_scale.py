@@ -194,6 +194,18 @@ def ticks(uri: str, names: list[str], instance: dg.DagsterInstance) -> dict[str,
     }
 
 
+def measured_code() -> dict[str, str]:
+    """Which checkout of the product was measured (the code server imports the same one)."""
+    import certyo_dagster
+
+    folder = Path(certyo_dagster.__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return {"folder": str(folder), "commit": commit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
@@ -283,6 +295,7 @@ def main() -> None:
     path = write_result(
         "definitions_scale",
         {
+            "code": measured_code(),
             "machine_at_end": machine(),
             "baseline": results["baseline"],
             "sizes": results["sizes"],
