@@ -77,7 +77,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def code_server(env: dict[str, str], target: list[str], timeout: float = 300) -> dict[str, Any]:
+def code_server(
+    env: dict[str, str], target: list[str], timeout: float = 300, cwd: Path | None = None
+) -> dict[str, Any]:
     """Start `dagster api grpc`, time it until it serves, read its RSS, stop it."""
     port = free_port()
     dagster = str(Path(sys.executable).with_name("dagster"))
@@ -86,6 +88,7 @@ def code_server(env: dict[str, str], target: list[str], timeout: float = 300) ->
     process = subprocess.Popen(
         [dagster, "api", "grpc", *target, "--host", "127.0.0.1", "--port", str(port)],
         env=env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -194,11 +197,11 @@ def ticks(uri: str, names: list[str], instance: dg.DagsterInstance) -> dict[str,
     }
 
 
-def measured_code() -> dict[str, str]:
+def measured_code(folder: Path | None = None) -> dict[str, str]:
     """Which checkout of the product was measured (the code server imports the same one)."""
     import certyo_dagster
 
-    folder = Path(certyo_dagster.__file__).resolve().parents[1]
+    folder = folder or Path(certyo_dagster.__file__).resolve().parents[1]
     commit = subprocess.run(
         ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
         capture_output=True, text=True, check=False,
@@ -206,10 +209,26 @@ def measured_code() -> dict[str, str]:
     return {"folder": str(folder), "commit": commit}
 
 
+def compared_load(
+    env: dict[str, str], target: list[str], checkout: Path, size: int, results: dict
+) -> dict[str, Any]:
+    """The same load from another checkout (alternating order with ours, round by round)."""
+    run = code_server({**env, "PYTHONPATH": str(checkout)}, target, cwd=checkout)
+    results["compared"].setdefault(str(size), []).append(run)
+    print(f"{size:4d} collections, {checkout}: {run}", flush=True)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout of the project: its code server is loaded in the same rounds "
+        "(PYTHONPATH and working directory set to it) and the ratios are reported",
+    )
     args = parser.parse_args()
 
     server = SecantusServer().start()
@@ -228,21 +247,26 @@ def main() -> None:
         }
     )
     (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    results: dict[str, Any] = {"sizes": {}, "baseline": []}
+    results: dict[str, Any] = {"sizes": {}, "baseline": [], "compared": {}}
     try:
         with dg.instance_for_test() as instance:
             for size in args.sizes:
                 seed(server.uri, collection_names(size))
             # Rounds interleave the baseline and every size, so a change in the machine's
             # load during the run affects them alike.
-            for _ in range(args.repeat):
+            for round_number in range(args.repeat):
                 baseline = code_server(base_env, ["--python-file", str(baseline_file)])
                 results["baseline"].append(baseline)
                 print(f"   0 collections (baseline): {baseline}", flush=True)
                 for size in args.sizes:
                     names = collection_names(size)
                     env = {**base_env, "CERTYO_COLLECTIONS": ",".join(names)}
-                    run = code_server(env, ["--module-name", "certyo_dagster.definitions"])
+                    target = ["--module-name", "certyo_dagster.definitions"]
+                    if args.compare and round_number % 2:
+                        compared_load(env, target, args.compare, size, results)
+                    run = code_server(env, target)
+                    if args.compare and not round_number % 2:
+                        compared_load(env, target, args.compare, size, results)
                     run.update(ticks(server.uri, names, instance))
                     results["sizes"].setdefault(str(size), []).append(run)
                     print(f"{size:4d} collections: {run}", flush=True)
@@ -292,13 +316,31 @@ def main() -> None:
     verdict = "met" if worst_tick < TICK_TARGET_MS else "NOT met"
     print(f"idle tick p95 (worst size) ÷ {TICK_TARGET_MS:.0f} ms target: "
           f"{worst_tick / TICK_TARGET_MS:.2f} ({verdict})")  # fmt: skip
+    comparison = {}
+    for size, runs in results["compared"].items():
+        theirs = {
+            k: median([r[k] for r in runs]) for k in ("load_seconds", "load_cpu_seconds", "rss_mb")
+        }
+        ours = summary[size]
+        comparison[size] = {
+            **{f"compared_{k}": v for k, v in theirs.items()},
+            **{f"{k}_ratio": round(ours[k] / theirs[k], 3) for k in theirs},
+        }
+        ratios = comparison[size]
+        print(
+            f"{size} collections, ours ÷ {args.compare}: "
+            + ", ".join(f"{k} {ratios[f'{k}_ratio']:.2f}" for k in theirs)
+        )
     path = write_result(
         "definitions_scale",
         {
             "code": measured_code(),
+            "compared_code": measured_code(args.compare) if args.compare else None,
+            "comparison": comparison,
             "machine_at_end": machine(),
             "baseline": results["baseline"],
             "sizes": results["sizes"],
+            "compared": results["compared"],
             "summary": summary,
             "verdicts": verdicts,
         },
