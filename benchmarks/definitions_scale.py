@@ -7,7 +7,9 @@ For 10, 100 and 300 collections (CERTYO_COLLECTIONS=c0000,c0001,...):
   over the repository snapshot, which the webserver and the daemon fetch first and which the
   server builds on demand. Its RSS then is the code server's memory. The same is measured for a
   code location of no collection's own (a module that only imports dagster and the product),
-  the baseline every code server pays.
+  the baseline every code server pays. Its CPU seconds until then are reported too: they
+  are what the load costs on a core of its own, while the wall-clock seconds on a shared
+  machine also count the waiting for a core.
 - tick: in this process, the change sensor of every collection ticks twice against a
   SecantusDB (one database, N collections of 10 documents each, all older than the
   sensor's cursor and its lookback: idle). The second tick is timed: the steady state.
@@ -67,7 +69,17 @@ def rss_tree_mb(pid: int) -> float:
     return float("nan")
 
 
-def code_server(env: dict[str, str], target: list[str], timeout: float = 300) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far: what the load costs, whatever else the machine
+    runs (wall-clock seconds on a shared machine also count the waiting for a core)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def code_server(
+    env: dict[str, str], target: list[str], timeout: float = 300, cwd: Path | None = None
+) -> dict[str, Any]:
     """Start `dagster api grpc`, time it until it serves, read its RSS, stop it."""
     port = free_port()
     dagster = str(Path(sys.executable).with_name("dagster"))
@@ -76,6 +88,7 @@ def code_server(env: dict[str, str], target: list[str], timeout: float = 300) ->
     process = subprocess.Popen(
         [dagster, "api", "grpc", *target, "--host", "127.0.0.1", "--port", str(port)],
         env=env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -101,6 +114,8 @@ def code_server(env: dict[str, str], target: list[str], timeout: float = 300) ->
         seconds = time.perf_counter() - began
         return {
             "load_seconds": round(seconds, 3),
+            "load_cpu_seconds": round(cpu_seconds(process.pid), 2),
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "serving_seconds": round(serving, 3),
             "snapshot_mb": round(len(snapshot) / 1e6, 2),
             "rss_mb": round(rss_tree_mb(process.pid), 1),
@@ -182,10 +197,38 @@ def ticks(uri: str, names: list[str], instance: dg.DagsterInstance) -> dict[str,
     }
 
 
+def measured_code(folder: Path | None = None) -> dict[str, str]:
+    """Which checkout of the product was measured (the code server imports the same one)."""
+    import certyo_dagster
+
+    folder = folder or Path(certyo_dagster.__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return {"folder": str(folder), "commit": commit}
+
+
+def compared_load(
+    env: dict[str, str], target: list[str], checkout: Path, size: int, results: dict
+) -> dict[str, Any]:
+    """The same load from another checkout (alternating order with ours, round by round)."""
+    run = code_server({**env, "PYTHONPATH": str(checkout)}, target, cwd=checkout)
+    results["compared"].setdefault(str(size), []).append(run)
+    print(f"{size:4d} collections, {checkout}: {run}", flush=True)
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout of the project: its code server is loaded in the same rounds "
+        "(PYTHONPATH and working directory set to it) and the ratios are reported",
+    )
     args = parser.parse_args()
 
     server = SecantusServer().start()
@@ -204,21 +247,26 @@ def main() -> None:
         }
     )
     (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    results: dict[str, Any] = {"sizes": {}, "baseline": []}
+    results: dict[str, Any] = {"sizes": {}, "baseline": [], "compared": {}}
     try:
         with dg.instance_for_test() as instance:
             for size in args.sizes:
                 seed(server.uri, collection_names(size))
             # Rounds interleave the baseline and every size, so a change in the machine's
             # load during the run affects them alike.
-            for _ in range(args.repeat):
+            for round_number in range(args.repeat):
                 baseline = code_server(base_env, ["--python-file", str(baseline_file)])
                 results["baseline"].append(baseline)
                 print(f"   0 collections (baseline): {baseline}", flush=True)
                 for size in args.sizes:
                     names = collection_names(size)
                     env = {**base_env, "CERTYO_COLLECTIONS": ",".join(names)}
-                    run = code_server(env, ["--module-name", "certyo_dagster.definitions"])
+                    target = ["--module-name", "certyo_dagster.definitions"]
+                    if args.compare and round_number % 2:
+                        compared_load(env, target, args.compare, size, results)
+                    run = code_server(env, target)
+                    if args.compare and not round_number % 2:
+                        compared_load(env, target, args.compare, size, results)
                     run.update(ticks(server.uri, names, instance))
                     results["sizes"].setdefault(str(size), []).append(run)
                     print(f"{size:4d} collections: {run}", flush=True)
@@ -228,12 +276,13 @@ def main() -> None:
 
     baseline_load = median([r["load_seconds"] for r in results["baseline"]])
     baseline_rss = median([r["rss_mb"] for r in results["baseline"]])
+    baseline_cpu = median([r["load_cpu_seconds"] for r in results["baseline"]])
     print(
-        f"\nbaseline code server (no collection): load {baseline_load:.2f} s, "
-        f"RSS {baseline_rss:.0f} MB"
+        f"\nbaseline code server (no collection): load {baseline_load:.2f} s "
+        f"({baseline_cpu:.2f} s CPU), RSS {baseline_rss:.0f} MB"
     )
     print(
-        "collections | load s | load - baseline | build s (in process) | RSS MB "
+        "collections | load s | load - baseline | CPU s | build s (in process) | RSS MB "
         "| RSS - baseline | tick ms median/p95"
     )
     summary = {}
@@ -242,6 +291,7 @@ def main() -> None:
             key: median([r[key] for r in runs])
             for key in (
                 "load_seconds",
+                "load_cpu_seconds",
                 "rss_mb",
                 "in_process_build_seconds",
                 "tick_ms_median",
@@ -251,7 +301,7 @@ def main() -> None:
         summary[size] = row
         print(
             f"{size:>11} | {row['load_seconds']:6.2f} | {row['load_seconds'] - baseline_load:15.2f}"
-            f" | {row['in_process_build_seconds']:20.2f}"
+            f" | {row['load_cpu_seconds']:5.2f} | {row['in_process_build_seconds']:20.2f}"
             f" | {row['rss_mb']:6.0f} | {row['rss_mb'] - baseline_rss:14.0f}"
             f" | {row['tick_ms_median']:.1f} / {row['tick_ms_p95']:.1f}"
         )
@@ -266,12 +316,31 @@ def main() -> None:
     verdict = "met" if worst_tick < TICK_TARGET_MS else "NOT met"
     print(f"idle tick p95 (worst size) ÷ {TICK_TARGET_MS:.0f} ms target: "
           f"{worst_tick / TICK_TARGET_MS:.2f} ({verdict})")  # fmt: skip
+    comparison = {}
+    for size, runs in results["compared"].items():
+        theirs = {
+            k: median([r[k] for r in runs]) for k in ("load_seconds", "load_cpu_seconds", "rss_mb")
+        }
+        ours = summary[size]
+        comparison[size] = {
+            **{f"compared_{k}": v for k, v in theirs.items()},
+            **{f"{k}_ratio": round(ours[k] / theirs[k], 3) for k in theirs},
+        }
+        ratios = comparison[size]
+        print(
+            f"{size} collections, ours ÷ {args.compare}: "
+            + ", ".join(f"{k} {ratios[f'{k}_ratio']:.2f}" for k in theirs)
+        )
     path = write_result(
         "definitions_scale",
         {
+            "code": measured_code(),
+            "compared_code": measured_code(args.compare) if args.compare else None,
+            "comparison": comparison,
             "machine_at_end": machine(),
             "baseline": results["baseline"],
             "sizes": results["sizes"],
+            "compared": results["compared"],
             "summary": summary,
             "verdicts": verdicts,
         },

@@ -35,7 +35,9 @@ from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.mongo import MongoResource
 from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys, redact_uri_text
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
+from certyo_dagster.wiring.source import collection_source
 
 POSITION_TAG = "certyo/position"
 # dagster.yaml limits runs per value of this tag to one.
@@ -103,12 +105,9 @@ def build_change_stream_defs(spec: CollectionSpec, settings: PipelineSettings) -
     keys = stream_keys(spec)
     group = spec.collection
     job_name = f"stream_{spec.collection}"
-    source = dg.AssetSpec(
-        keys["source"],
-        description=f"The MongoDB collection {spec.database}.{spec.collection}, captured by "
-        "its change stream.",
-        group_name=group,
-        kinds={"mongodb"},
+    source = collection_source(
+        spec,
+        f"The MongoDB collection {spec.database}.{spec.collection}, captured by its change stream.",
     )
     specs = [
         dg.AssetSpec(
@@ -239,9 +238,9 @@ def build_change_stream_defs(spec: CollectionSpec, settings: PipelineSettings) -
             },
         )
 
-    job = dg.define_asset_job(
+    job = asset_job(
         job_name,
-        selection=dg.AssetSelection.assets(*[s.key for s in specs]),
+        [s.key for s in specs],
         description=f"Ship the change events of {spec.database}.{spec.collection} after the "
         "saved position to Certyo (a snapshot first, when there is no position).",
         tags={"certyo/collection": spec.collection, STREAM_TAG: spec.collection},

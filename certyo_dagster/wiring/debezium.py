@@ -25,7 +25,9 @@ from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.source.kafka import KafkaResource, probe_lag
 from certyo_dagster.source.mongo import MongoResource, redact_uri_text
 from certyo_dagster.wiring.ingestion import CERTYO_POOL
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES
+from certyo_dagster.wiring.source import collection_source
 
 RETRY_FAILED_RUN_AFTER = timedelta(minutes=5)
 
@@ -62,12 +64,10 @@ def job_name(spec: CollectionSpec) -> str:
 
 def build_debezium_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.Definitions:
     key = debezium_key(spec)
-    source = dg.AssetSpec(
-        dg.AssetKey([spec.database, spec.collection]),
-        description=f"The MongoDB collection {spec.database}.{spec.collection}, captured by "
+    source = collection_source(
+        spec,
+        f"The MongoDB collection {spec.database}.{spec.collection}, captured by "
         "Debezium into Kafka.",
-        group_name=spec.collection,
-        kinds={"mongodb"},
     )
 
     @dg.asset(
@@ -133,9 +133,9 @@ def build_debezium_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.
             },
         )
 
-    job = dg.define_asset_job(
+    job = asset_job(
         job_name(spec),
-        selection=dg.AssetSelection.assets(key),
+        [key],
         description=f"Read Debezium's events of {spec.database}.{spec.collection} from Kafka "
         "and ship them to Certyo in order.",
         tags={"certyo/collection": spec.collection},

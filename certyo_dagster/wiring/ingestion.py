@@ -10,7 +10,6 @@ lineage in the UI is the same as with three steps; memory stays flat.
 from datetime import datetime, timedelta
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
@@ -25,9 +24,11 @@ from certyo_dagster.ship.ingest import IngestFailedError, IngestReport, WindowIn
 from certyo_dagster.ship.resource import CertyoResource
 from certyo_dagster.ship.shipping import BULK_MAX_RECORDS, DEFAULT_MAX_IN_FLIGHT, Shipper
 from certyo_dagster.source.mongo import MongoResource, describe_mongo_error, redact_uri_text
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.partitions import hourly_partitions
 from certyo_dagster.wiring.schedules import build_ingest_schedule
 from certyo_dagster.wiring.sensors import build_change_sensor
+from certyo_dagster.wiring.source import collection_source
 
 CERTYO_POOL = "certyo"
 
@@ -73,12 +74,10 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
     keys = asset_keys(spec)
     group = spec.collection
     partitions = hourly_partitions(spec)
-    source = dg.AssetSpec(
-        keys["source"],
-        description=f"The MongoDB collection {spec.database}.{spec.collection}, versioned by "
+    source = collection_source(
+        spec,
+        f"The MongoDB collection {spec.database}.{spec.collection}, versioned by "
         f"`{spec.timestamp_field}`.",
-        group_name=group,
-        kinds={"mongodb"},
     )
     specs = [
         dg.AssetSpec(
@@ -226,9 +225,9 @@ def build_ingestion_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg
             metadata={"untimestamped_documents": untimestamped},
         )
 
-    job = dg.define_asset_job(
+    job = asset_job(
         f"ingest_{spec.collection}",
-        selection=dg.AssetSelection.assets(*[s.key for s in specs]),
+        [s.key for s in specs],
         description=f"Ship every unacknowledged version of {spec.database}.{spec.collection} "
         "in the partition's hour to Certyo.",
         tags={"certyo/collection": spec.collection},
@@ -279,4 +278,6 @@ def _counts(report: IngestReport) -> dict:
 def _preview_markdown(report: IngestReport) -> str:
     if not report.preview:
         return "_No records were sent in this run._"
+    import pandas as pd  # here, not at the top: every code server and run worker loads this module
+
     return pd.DataFrame(report.preview).to_markdown(index=False)

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 from pymongo.errors import PyMongoError
 
@@ -48,6 +47,7 @@ from certyo_dagster.verify.pending import (
 )
 from certyo_dagster.wiring.debezium import debezium_key
 from certyo_dagster.wiring.ingestion import CERTYO_POOL, asset_keys
+from certyo_dagster.wiring.jobs import asset_job
 from certyo_dagster.wiring.schedules import ACTIVE_RUN_STATUSES, default_status
 
 
@@ -223,9 +223,9 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
         yield dg.MaterializeResult(metadata=audit_metadata(report))
         yield tamper_check(report)
 
-    verify_job = dg.define_asset_job(
+    verify_job = asset_job(
         f"verify_{spec.collection}",
-        selection=dg.AssetSelection.assets(keys["anchoring_status"]),
+        [keys["anchoring_status"]],
         description=f"Verify pending versions of {spec.database}.{spec.collection} with Certyo "
         "and write certyo_status back.",
         tags={"certyo/collection": spec.collection},
@@ -241,9 +241,9 @@ def build_verification_defs(spec: CollectionSpec, settings: PipelineSettings) ->
             }
         },
     )
-    audit_job = dg.define_asset_job(
+    audit_job = asset_job(
         f"tamper_audit_{spec.collection}",
-        selection=dg.AssetSelection.assets(keys["tamper_audit"]),
+        [keys["tamper_audit"]],
         description=f"Re-hash every anchored document of {spec.database}.{spec.collection}.",
         tags={"certyo/collection": spec.collection},
     )
@@ -303,6 +303,8 @@ def status_table(
     summary: AnchoringSummary, report: VerifyReport, now: datetime, deadline: timedelta
 ) -> str:
     """The Markdown report: documents per certyo_status, then the anchoring indicators."""
+    import pandas as pd  # here, not at the top: every code server and run worker loads this module
+
     counts = pd.DataFrame(
         [{"certyo_status": status, "documents": n} for status, n in summary.by_status.items()]
     )
