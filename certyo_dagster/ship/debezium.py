@@ -10,8 +10,10 @@ the partitions the group gives it and, for each batch:
    shipped version, so verify_<c>, anchoring_status and tamper_audit work as for polling;
 5. only then commits, per partition, the offset after the batch's last message.
 
-While one batch is being shipped, the next is read and parsed (steps 1 and 2), but batches
-are shipped, written back and committed strictly one after the other, in Kafka order.
+Up to `max_in_flight` batches are shipped at once while the next is read and parsed (steps 1
+and 2), but steps 4 and 5 run strictly batch after batch in Kafka order: a batch is written
+back and committed only once it and every batch before it were acknowledged, so a committed
+offset never passes a message Certyo has not answered for.
 
 A failure anywhere before step 5 commits nothing: the next run (or the member that takes the
 partition over) reads the same messages again and Certyo answers with idempotent replays,
@@ -22,6 +24,7 @@ Kafka offset. Delivery is at-least-once into Certyo, exactly-once in what Certyo
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +45,7 @@ from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.sanitize.documents import PoisonDocumentError
 from certyo_dagster.sanitize.records import DEFAULT_MAX_PAYLOAD_BYTES, record_id_of
 from certyo_dagster.settings import CollectionSpec
-from certyo_dagster.ship.shipping import Shipper, ShippingFailedError
+from certyo_dagster.ship.shipping import DEFAULT_MAX_IN_FLIGHT, Shipper, ShippingFailedError
 from certyo_dagster.ship.writeback import _UNSET_VERIFICATION
 from certyo_dagster.source.kafka import KafkaResource, confluent_kafka
 from certyo_dagster.source.mongo import bulk_update, upsert_with_retry
@@ -170,11 +173,14 @@ class DebeziumIngestor:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         unassigned_seconds: float = DEFAULT_UNASSIGNED_SECONDS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         log: Callable[[str], None] | None = None,
         consumer_overrides: dict[str, Any] | None = None,
     ) -> None:
-        if max_messages < 1 or batch_size < 1 or max_seconds <= 0:
-            raise ValueError("max_messages, batch_size and max_seconds must be positive")
+        if max_messages < 1 or batch_size < 1 or max_seconds <= 0 or max_in_flight < 1:
+            raise ValueError(
+                "max_messages, batch_size, max_seconds and max_in_flight must be positive"
+            )
         self.database = database
         self.collection = database[spec.collection]
         self.dead_letters = database[DEAD_LETTERS_COLLECTION]
@@ -188,13 +194,15 @@ class DebeziumIngestor:
         self.batch_size = batch_size
         self.max_payload_bytes = max_payload_bytes
         self.unassigned_seconds = unassigned_seconds
+        self.max_in_flight = max_in_flight
         self.log = log or (lambda _msg: None)
         self.consumer_overrides = consumer_overrides or {}
         self.topic = kafka.topic_for(spec)
         self._assigned: set[int] = set()
         self._at_end: set[int] = set()
         self._open_letters = False
-        self._pending: _Batch | None = None
+        # Batches read and shipped but not yet written back and committed, oldest first.
+        self._window: deque[_Batch] = deque()
 
     # -- the consume loop ------------------------------------------------------------------
 
@@ -217,15 +225,13 @@ class DebeziumIngestor:
             self._at_end -= {p.partition for p in partitions}
 
         def on_revoke(_consumer: Any, partitions: list) -> None:
-            # Callbacks run inside consume(), on this thread. The batch in flight is finished
-            # (acknowledged, written back, committed) before its partitions go to another
-            # member, so a rebalance loses no progress and causes no re-read.
-            if self._pending is not None:
-                batch, self._pending = self._pending, None
-                self._finish(consumer, batch, report)
+            # Callbacks run inside consume(), on this thread. The batches in flight are
+            # finished (acknowledged, written back, committed) before their partitions go to
+            # another member, so a rebalance loses no progress and causes no re-read.
+            self._finish_window(consumer, report, keep=0)
             self._assigned -= {p.partition for p in partitions}
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="certyo-debezium")
+        pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="certyo-debezium")
         try:
             consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
             unassigned_since = time.monotonic()
@@ -245,20 +251,22 @@ class DebeziumIngestor:
                 if batch:
                     if report.first_message_seconds is None:
                         report.first_message_seconds = time.monotonic() - began
-                    # Parse and encode this batch while the previous one is being shipped;
-                    # batches are still shipped, written back and committed one by one.
+                    # Parse and encode this batch while earlier ones are being shipped; make
+                    # room in the window (finishing the oldest, in order) before shipping it.
                     prepared = self._prepare(batch, report)
-                    self._finish_pending(consumer, report)
+                    self._finish_window(consumer, report, keep=self.max_in_flight - 1)
                     if prepared.records:
                         report.sent += len(prepared.records)
                         prepared.future = pool.submit(
                             ship_in_order, self.client, self.tenant_id, prepared.records
                         )
-                    self._pending = prepared
+                    self._window.append(prepared)
+                # Batches Certyo has already answered are finished without waiting.
+                self._finish_window(consumer, report, keep=self.max_in_flight, done_only=True)
                 if self._assigned:
                     unassigned_since = time.monotonic()
                     if not batch and self._assigned <= self._at_end:
-                        self._finish_pending(consumer, report)
+                        self._finish_window(consumer, report, keep=0)
                         report.caught_up = True
                         break
                 elif time.monotonic() - unassigned_since > self.unassigned_seconds:
@@ -268,15 +276,15 @@ class DebeziumIngestor:
                         "owns them all)"
                     )
                     break
-            self._finish_pending(consumer, report)
+            self._finish_window(consumer, report, keep=0)
         except DebeziumIngestError:
             raise
         except Exception as exc:
             report.elapsed_seconds = time.monotonic() - began
             raise DebeziumIngestError(self._describe(exc, report), report) from exc
         finally:
-            # After a failure the batch in flight is not committed: it is read again.
-            self._pending = None
+            # After a failure the batches in flight are not committed: they are read again.
+            self._window.clear()
             pool.shutdown(wait=True)
             # Leaving the group at once hands the partitions over without a session timeout.
             try:
@@ -332,9 +340,16 @@ class DebeziumIngestor:
         batch.records = [i.record for i in batch.to_ship]
         return batch
 
-    def _finish_pending(self, consumer: Any, report: DebeziumReport) -> None:
-        if self._pending is not None:
-            batch, self._pending = self._pending, None
+    def _finish_window(
+        self, consumer: Any, report: DebeziumReport, *, keep: int, done_only: bool = False
+    ) -> None:
+        """Finish the oldest batches, in order, until at most `keep` are left (with
+        `done_only`, also stop at the first batch Certyo has not answered yet)."""
+        window = self._window
+        while len(window) > keep or (
+            done_only and window and (window[0].future is None or window[0].future.done())
+        ):
+            batch = window.popleft()
             self._finish(consumer, batch, report)
 
     def _finish(self, consumer: Any, batch: _Batch, report: DebeziumReport) -> None:
