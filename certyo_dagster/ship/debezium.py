@@ -326,7 +326,7 @@ class DebeziumIngestor:
                 continue
             report.changes += 1
             report.operations[parsed.op] = report.operations.get(parsed.op, 0) + 1
-            if parsed.op == "u" and parsed.document is None:
+            if parsed.op == "u" and not parsed.has_document:
                 report.after_null_updates += 1
             try:
                 record = encode_change(
@@ -491,7 +491,7 @@ def _write_back(
     tamper audit recognise a version by it. The update sets `certyo_*` fields only, so the
     change event it causes is skipped (OWN_WRITE_BACK) instead of being shipped again.
     """
-    if record.timestamp is None or record.document_version is None or change.document is None:
+    if record.timestamp is None or record.document_version is None or not change.has_document:
         return None
     return UpdateOne(
         {"_id": change.doc_id, spec.timestamp_field: record.timestamp},

@@ -12,6 +12,7 @@ import re
 import uuid
 from datetime import datetime, timedelta
 
+import orjson
 import pytest
 from bson import (
     Binary,
@@ -38,12 +39,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certyo_dagster.capture import debezium
-from certyo_dagster.capture.debezium import EXTENDED_JSON_KEYS, JSON_OPTIONS, ejson_loads
-from certyo_demo.catalog import product
+from certyo_dagster.capture.debezium import (
+    EXTENDED_JSON_KEYS,
+    JSON_OPTIONS,
+    ejson_loads,
+    encode_change,
+    fast_after,
+    parse_message,
+)
+from certyo_dagster.sanitize.documents import sanitize_document
+from certyo_dagster.settings import CollectionSpec
+from certyo_demo.catalog import TIMESTAMP_FIELD, product
 
 LEGACY = JSONOptions(
     json_mode=JSONMode.LEGACY, datetime_representation=DatetimeRepresentation.LEGACY
 )
+SPEC = CollectionSpec("productdb", "products", TIMESTAMP_FIELD, capture="debezium")
 MODES = {"legacy": LEGACY, "relaxed": RELAXED_JSON_OPTIONS, "canonical": CANONICAL_JSON_OPTIONS}
 
 
@@ -288,3 +299,140 @@ def test_generated_documents_parse_exactly_like_json_util(doc, mode):
 def test_a_uuid_read_as_binary_subtype_4_like_pymongo_returns_it():
     value = ejson_loads(json_util.dumps({"u": Binary.from_uuid(uuid.UUID(int=7))}))
     assert type(value["u"]) is Binary and value["u"].subtype == 4
+
+
+# -- `after` sanitized straight from orjson's tree -----------------------------------------------
+
+
+def slow_after(text: str, timestamp_field: str = "updatedAt"):
+    """What the fast path must equal: the document parsed by json_util, then sanitized."""
+    document = reference(text)
+    value = document
+    for part in timestamp_field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return sanitize_document(document), value if isinstance(value, datetime) else None
+
+
+def assert_fast_after_matches(text: str, timestamp_field: str = "updatedAt") -> bool:
+    """The fast path gives the slow result or nothing; True when it gave one."""
+    try:
+        tree = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    try:
+        doc_id = reference(text)["_id"]
+    except Exception:  # noqa: BLE001 - no document, or none with an _id: nothing to match
+        doc_id = None
+    fast = fast_after(tree, doc_id, timestamp_field)
+    if fast is None:
+        return False
+    payload, timestamp = slow_after(text, timestamp_field)
+    assert same(fast.payload, payload), text
+    assert same(fast.timestamp, timestamp), text
+    # The tree is left as orjson read it (the slow path may still need it).
+    assert tree == orjson.loads(text)
+    return True
+
+
+def test_captured_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one():
+    texts = [t for name in ("schemas_off", "schemas_on", "restart") for t in _texts_of(name)]
+    afters = [t for t in texts if t.startswith('{"_id"')]
+    used = [assert_fast_after_matches(text, "created") for text in afters]
+    assert sum(used) > len(afters) // 2, "the captured documents should take the fast path"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "relaxed"])
+def test_catalog_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(mode):
+    rng = random.Random(5)
+    start = datetime(2026, 4, 1)
+    used = 0
+    for i in range(300):
+        doc = product(rng, i, start + timedelta(seconds=i))
+        doc["certyo_status"] = "pending"  # a write-back field: dropped from the payload
+        used += assert_fast_after_matches(json_util.dumps(doc, json_options=MODES[mode]))
+    if mode == "legacy":  # what Debezium writes: every catalog document is fast
+        assert used == 300
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"_id": 1, "updatedAt": {"$date": 1775001600123}, "a": {"b": [1, {"c": "d"}]}}',
+        '{"_id": 1, "certyo_status": "anchored", "certyo_x": {"$oid": "zz"}, "n": 1}',
+        '{"_id": 1, "big": 9007199254740993, "neg": -9007199254740993, "f": 2.5}',
+        '{"_id": 1, "l": {"$numberLong": "9007199254740993"}, "s": {"$numberLong": "12"}}',
+        '{"_id": 1, "d": {"$numberDecimal": "0.0000001"}, "e": {"$numberDecimal": "0.000001"}}',
+        '{"_id": 1, "d": {"$numberDecimal": "007.50"}, "e": {"$numberDecimal": "-0.00"}}',
+        '{"_id": 1, "d": {"$numberDecimal": "1E+3"}, "e": {"$numberDecimal": "100"}}',
+        '{"_id": 1, "d": {"$numberDecimal": "12345678901234567890123456789012345"}}',
+        '{"_id": 1, "u": {"$binary": "EjRWeBI0VngSNFZ4EjRWeA==", "$type": "04"}}',
+        '{"_id": 1, "u": {"$binary": "EjRWeBI0Vng=", "$type": "04"}}',
+        '{"_id": 1, "u": {"$binary": "EjRWeBI0VngSNFZ4EjRWeA==", "$type": "03"}}',
+        '{"_id": 1, "b": {"$binary": "AA H+/w", "$type": "00"}}',
+        '{"_id": 1, "b": {"$binary": "AAH+/w==", "$type": "-1"}}',
+        '{"_id": 1, "t": {"$timestamp": {"t": 1700000000, "i": 1}}}',
+        '{"_id": 1, "t": {"$timestamp": {"t": 4294967296, "i": 1}}}',
+        '{"_id": 1, "r": {"$ref": "c", "$id": {"$oid": "65a4f0c2e4b0a1b2c3d4e5f6"}}}',
+        '{"_id": 1, "r": {"$ref": "c", "$id": 5, "$db": null}, "q": {"$ref": "c", "$id": 5, '
+        '"$db": "d"}}',
+        '{"_id": 1, "r": {"$ref": 5, "$id": 5}}',
+        '{"_id": 1, "r": {"$id": 5, "$ref": "c", "x": 1}}',
+        '{"_id": 1, "o": {"$oid": "65A4F0C2E4B0A1B2C3D4E5F6"}}',
+        '{"_id": 1, "o": {"$oid": "65a4f0c2e4b0a1b2c3d4e5f"}}',
+        '{"_id": 1, "d": {"$date": 253402300800000}}',
+        '{"_id": 1, "d": {"$date": -62135596800000}}',
+        '{"_id": 1, "updatedAt": {"$date": "2026-12-01T14:40:07.707Z"}}',
+        '{"_id": 1, "updatedAt": "2026-12-01"}',
+        '{"_id": {"$oid": "65a4f0c2e4b0a1b2c3d4e5f6"}, "x": "\\ud800"}',
+        '{"_id": 1, "\\ufdd0": 1}',
+        '{"_id": 1, "caf\\u00e9": "cr\\u00e8me"}',
+        '{"_id": 1, "x": 1e300, "y": -1e19}',
+        '{"_id": 1, "deep": ' + "[" * 100 + "]" * 100 + "}",
+        '{"_id": 1, "deep": ' + "[" * 101 + "]" * 101 + "}",
+        '{"_id": 1, "deep": ' + '{"a": ' * 100 + "1" + "}" * 100 + "}",
+        '{"_id": 1, "deep": ' + '{"a": ' * 101 + "1" + "}" * 101 + "}",
+        '{"_id": 1, "$oid": "65a4f0c2e4b0a1b2c3d4e5f6"}',
+        '{"x": 1}',
+    ],
+)
+def test_edge_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(text):
+    try:
+        slow_after(text)
+    except Exception:  # noqa: BLE001 - the slow path rejects it: so must the fast one
+        try:
+            tree = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return  # the fast path never starts
+        assert fast_after(tree, 1, "updatedAt") is None
+        return
+    assert_fast_after_matches(text)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    doc=st.dictionaries(_texts, _documents, max_size=6),
+    doc_id=_scalars,
+    mode=st.sampled_from(["legacy", "relaxed"]),
+)
+def test_generated_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(doc, doc_id, mode):
+    try:
+        text = json_util.dumps({"_id": doc_id, **doc}, json_options=MODES[mode])
+        slow_after(text)
+    except Exception:  # noqa: BLE001 - json_util cannot write it, or the slow path rejects it
+        return
+    assert_fast_after_matches(text)
+
+
+def test_a_parsed_change_builds_its_bson_document_only_when_asked():
+    doc = product(random.Random(1), 1, datetime(2026, 4, 1))
+    key = orjson.dumps({"id": json_util.dumps(doc["_id"], json_options=LEGACY)})
+    envelope = json.loads(next(m["value"] for m in captured("schemas_off") if m["value"]))
+    envelope["after"] = json_util.dumps(doc, json_options=LEGACY)
+    envelope["op"] = "c"
+    change = parse_message(key, orjson.dumps(envelope), SPEC)
+    assert change.fast is not None and change.parsed_document is None
+    record = encode_change(change, SPEC, "tenant-a")
+    assert change.parsed_document is None
+    assert record.as_record()["recordPayload"] == sanitize_document(doc)
+    assert record.timestamp == doc["updatedAt"]
+    assert same(change.document, reference(envelope["after"]))
