@@ -232,10 +232,20 @@ def one_run(source: CatalogSource, run: int, in_flight: int) -> dict[str, dict[s
                 else:
                     extra = run_debezium(broker.bootstrap, sandbox.base_url, source, run, in_flight)
                     count = source.count
-            phases[phase] = {"per_second": count / watch.wall, "seconds": watch.wall, **extra}
+            phases[phase] = {
+                "per_second": count / watch.wall,
+                "seconds": watch.wall,
+                # CPU per message of this process (all threads) and of the sandbox: what the
+                # rates cost whatever else the machine's cores were running.
+                "client_cpu_us_per_message": watch.client_cpu / count * 1e6,
+                "sandbox_cpu_us_per_message": watch.server_cpu / count * 1e6,
+                **extra,
+            }
             print(
                 f"  run {run + 1} {phase:>14}: {count / watch.wall:9,.0f} msgs/s "
-                f"({watch.wall:5.1f} s)"
+                f"({watch.wall:5.1f} s; CPU per message: client "
+                f"{watch.client_cpu / count * 1e6:.0f} us, sandbox "
+                f"{watch.server_cpu / count * 1e6:.0f} us)"
                 + (
                     f"; {extra['per_second_after_join']:,.0f} msgs/s after the group join "
                     f"({extra['group_join_seconds']:.1f} s)"
@@ -269,7 +279,12 @@ def main() -> None:
     growth = medians["debezium"]["rss_growth_mb"]
     print(f"medians of {args.repeat} runs:")
     for phase in PHASES:
-        print(f"  {phase:>14}: {medians[phase]['per_second']:9,.0f} msgs/s")
+        m = medians[phase]
+        print(
+            f"  {phase:>14}: {m['per_second']:9,.0f} msgs/s; CPU per message: client "
+            f"{m['client_cpu_us_per_message']:.0f} us, sandbox "
+            f"{m['sandbox_cpu_us_per_message']:.0f} us"
+        )
     print(f"  debezium / lower limit (raw, limit): {ratio:.2f}  (target >= 0.7)")
     print(f"  the same after the group join:       {steady:.2f}")
     print(f"  RSS growth from 25 % to 100 % of the messages: {growth:+.1f} MB")

@@ -487,7 +487,9 @@ _UINT32 = 2**32 - 1
 class FastAfter(NamedTuple):
     """What the fast path read from `after` without building the document's BSON types."""
 
-    payload: dict  # sanitize_document(document)
+    # orjson.dumps(sanitize_document(document)): bytes, so that the tree is freed at once
+    # instead of living (and being scanned by the garbage collector) until write-back.
+    payload_json: bytes
     timestamp_field: str
     timestamp: datetime | None  # the field's value when it is a date, as the document has it
 
@@ -498,7 +500,7 @@ def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None
     if type(tree) is not dict or not EXTENDED_JSON_KEYS.isdisjoint(tree) or "_id" not in tree:
         return None
     try:
-        payload = _sanitized_object(tree, DEFAULT_MAX_DEPTH, top=True)
+        payload_json = orjson.dumps(_sanitized_object(tree, DEFAULT_MAX_DEPTH, top=True))
         if _ejson_value(tree["_id"]) != doc_id:
             return None
         value: Any = tree
@@ -511,7 +513,7 @@ def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None
             value = value[part]
         timestamp = _ejson_value(value)
         return FastAfter(
-            payload, timestamp_field, timestamp if isinstance(timestamp, datetime) else None
+            payload_json, timestamp_field, timestamp if isinstance(timestamp, datetime) else None
         )
     except Exception:  # noqa: BLE001 - the slow path gives the result or the error
         return None
@@ -748,7 +750,7 @@ def change_payload(change: Change) -> dict:
     "removedFields": […], "truncatedArrays": […]}}`.
     """
     if change.fast is not None:
-        return change.fast.payload
+        return orjson.loads(change.fast.payload_json)
     if change.has_document:
         return sanitize_document(change.document)
     doc_id = sanitize_value(change.doc_id)
@@ -812,8 +814,10 @@ def encode_change(
 ) -> ChangeRecord:
     """The Certyo record of one change. Raises PoisonDocumentError (too large, unsanitizable)."""
     try:
-        payload = change_payload(change)
-        payload_json = orjson.dumps(payload)
+        if change.fast is not None:
+            payload_json = change.fast.payload_json
+        else:
+            payload_json = orjson.dumps(change_payload(change))
     except PoisonDocumentError as exc:
         exc.record_id = change.record_id
         raise
