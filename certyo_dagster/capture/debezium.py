@@ -523,6 +523,10 @@ def _ejson_value(value: Any) -> Any:
     """One value of orjson's tree in BSON types, as json_util reads it (the tree is kept)."""
     cls = type(value)
     if cls is dict:
+        if len(value) <= 2:  # a wrapper of one scalar ($oid, $date…) needs no copy
+            converted = _wrapped(value)
+            if converted is not _NOT_HANDLED:
+                return converted
         return _ejson_object(copy.deepcopy(value))
     if cls is list:
         items = copy.deepcopy(value)
