@@ -6,14 +6,15 @@ to one partition before any clock starts, then measures on that same broker and 
 
 - raw: a confluent-kafka consumer reads all N messages (no parsing): the broker's limit;
 - limit: the same documents' Certyo records, encoded before the clock, POSTed in 1000-record
-  bulk calls one at a time (the capture ships in order, one request in flight);
+  bulk calls with `--in-flight` requests at once (the same number the capture is given);
 - debezium: `DebeziumIngestor` (what debezium_<c> runs) as a fresh consumer-group member:
-  consume, parse, sanitize, ship in order, write back, commit per batch.
+  consume, parse, sanitize, ship with `--in-flight` batches in flight, write back and commit
+  batch after batch in Kafka order.
 The target is debezium ≥ 0.7 × the lower of raw and limit, with memory flat: RSS is sampled
 while the ingestor runs and the growth from 25 % to 100 % of the messages is reported.
 The write-back goes to an in-memory stand-in (benchmarks/_common.py), not to MongoDB.
 
-    .venv/bin/python benchmarks/debezium_throughput.py --documents 30000 --repeat 3
+    .venv/bin/python benchmarks/debezium_throughput.py --documents 20000 --repeat 3
 """
 
 from __future__ import annotations
@@ -97,12 +98,6 @@ def envelope(doc: dict, n: int) -> tuple[bytes, bytes]:
 
 
 def _bulk_body(records: list[bytes]) -> bytes:
-    return b"".join(
-        (b'{"tenantId":', orjson.dumps(TENANT), b',"records":[', b",".join(records), b"]}")
-    )
-
-
-def _bulk_body(records: list[bytes]) -> bytes:
     head = b'{"tenantId":' + orjson.dumps(TENANT) + b',"records":['
     return b"".join((head, b",".join(records), b"]}"))
 
@@ -168,12 +163,14 @@ class _Collection(GeneratedCollection):
         return type("Result", (), {"modified_count": len(ops)})()
 
 
-def run_debezium(bootstrap: str, base_url: str, source: CatalogSource, run: int) -> dict:
+def run_debezium(
+    bootstrap: str, base_url: str, source: CatalogSource, run: int, in_flight: int
+) -> dict:
     collection = _Collection(source)
     database = GeneratedDatabase({COLLECTION: collection})
     samples: list[tuple[int, float]] = []
     stop = threading.Event()
-    with CertyoClient(base_url, API_KEY, TENANT) as client:
+    with CertyoClient(base_url, API_KEY, TENANT, pool_maxsize=in_flight) as client:
         ingestor = DebeziumIngestor(
             database=database,
             spec=spec(),
@@ -184,6 +181,7 @@ def run_debezium(bootstrap: str, base_url: str, source: CatalogSource, run: int)
             max_messages=source.count,
             max_seconds=600,
             batch_size=BULK,
+            max_in_flight=in_flight,
         )
         report_box: list = []
 
@@ -230,14 +228,24 @@ def one_run(source: CatalogSource, run: int, in_flight: int) -> dict[str, dict[s
                 if phase == "raw":
                     count = raw_consume(broker.bootstrap, topic, source.count)
                 elif phase == "limit":
-                    count = run_limit(sandbox.base_url, bodies, 1)
+                    count = run_limit(sandbox.base_url, bodies, in_flight)
                 else:
-                    extra = run_debezium(broker.bootstrap, sandbox.base_url, source, run)
+                    extra = run_debezium(broker.bootstrap, sandbox.base_url, source, run, in_flight)
                     count = source.count
-            phases[phase] = {"per_second": count / watch.wall, "seconds": watch.wall, **extra}
+            phases[phase] = {
+                "per_second": count / watch.wall,
+                "seconds": watch.wall,
+                # CPU per message of this process (all threads) and of the sandbox: what the
+                # rates cost whatever else the machine's cores were running.
+                "client_cpu_us_per_message": watch.client_cpu / count * 1e6,
+                "sandbox_cpu_us_per_message": watch.server_cpu / count * 1e6,
+                **extra,
+            }
             print(
                 f"  run {run + 1} {phase:>14}: {count / watch.wall:9,.0f} msgs/s "
-                f"({watch.wall:5.1f} s)"
+                f"({watch.wall:5.1f} s; CPU per message: client "
+                f"{watch.client_cpu / count * 1e6:.0f} us, sandbox "
+                f"{watch.server_cpu / count * 1e6:.0f} us)"
                 + (
                     f"; {extra['per_second_after_join']:,.0f} msgs/s after the group join "
                     f"({extra['group_join_seconds']:.1f} s)"
@@ -257,6 +265,7 @@ def main() -> None:
     source = CatalogSource(args.documents, pool=args.pool)
     print(f"{args.documents:,} Debezium envelopes of catalog documents, one partition")
     print(f"note: {SOURCE_NOTE}")
+    print(f"{args.in_flight} bulk requests in flight in both the limit and debezium_<c>")
     runs = [one_run(source, run, args.in_flight) for run in range(args.repeat)]
     medians = {
         phase: {key: median([r[phase][key] for r in runs]) for key in runs[0][phase]}
@@ -270,7 +279,12 @@ def main() -> None:
     growth = medians["debezium"]["rss_growth_mb"]
     print(f"medians of {args.repeat} runs:")
     for phase in PHASES:
-        print(f"  {phase:>14}: {medians[phase]['per_second']:9,.0f} msgs/s")
+        m = medians[phase]
+        print(
+            f"  {phase:>14}: {m['per_second']:9,.0f} msgs/s; CPU per message: client "
+            f"{m['client_cpu_us_per_message']:.0f} us, sandbox "
+            f"{m['sandbox_cpu_us_per_message']:.0f} us"
+        )
     print(f"  debezium / lower limit (raw, limit): {ratio:.2f}  (target >= 0.7)")
     print(f"  the same after the group join:       {steady:.2f}")
     print(f"  RSS growth from 25 % to 100 % of the messages: {growth:+.1f} MB")

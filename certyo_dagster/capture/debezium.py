@@ -7,9 +7,10 @@ What Debezium 3.x's MongoDB connector sends (docs/debezium.md shows one of each)
 - key `{"id": "<Extended JSON of _id>"}`; value `{before, after, updateDescription, source, op,
   ts_ms, transaction}`, each wrapped as `{"schema": …, "payload": …}` when the converter's
   `schemas.enable` is on;
-- `after` and `updateDescription.updatedFields` are Extended JSON strings. They are parsed with
-  `bson.json_util` into BSON types and then sanitized exactly like a document read from
-  MongoDB, so a version has the same record hash whichever capture mode read it;
+- `after` and `updateDescription.updatedFields` are Extended JSON strings. They are parsed
+  into the BSON types `bson.json_util` gives (`ejson_loads`) and then sanitized exactly like a
+  document read from MongoDB, so a version has the same record hash whichever capture mode
+  read it;
 - with `capture.mode=change_streams_update_full`, `after` of an update is the document as a
   lookup found it when Debezium read the event, not that update's own result. It is null when
   the document was gone by then (deleted in the same transaction, or while Debezium was down);
@@ -18,26 +19,34 @@ What Debezium 3.x's MongoDB connector sends (docs/debezium.md shows one of each)
 
 from __future__ import annotations
 
+import base64
+import copy
 import hashlib
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import orjson
-from bson import json_util
+from bson import Binary, Decimal128, Int64, ObjectId, json_util
 from bson.binary import UuidRepresentation
 from bson.errors import BSONError
 from bson.json_util import JSONOptions
 
 from certyo_dagster.fields import FIELD_PREFIX as CERTYO_FIELD_PREFIX
 from certyo_dagster.sanitize.documents import (
+    DEFAULT_MAX_DEPTH,
     PoisonDocumentError,
+    _check_text,
     iso_utc,
     sanitize_document,
     sanitize_value,
     version_ms,
 )
+from certyo_dagster.sanitize.documents import _base64 as _base64_text
+from certyo_dagster.sanitize.documents import _binary as _binary_text
+from certyo_dagster.sanitize.documents import _decimal128 as _decimal_text
 from certyo_dagster.sanitize.records import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_IDEMPOTENCY_KEY_BYTES,
@@ -104,12 +113,27 @@ class Change:
     op: str  # r, c, u, d
     doc_id: Any  # the BSON _id, parsed from the key
     record_id: str
-    document: dict | None  # `after` as BSON types; None for deletes and an after-null update
+    # `after` as Debezium wrote it (Extended JSON); None for deletes and an after-null update.
+    after: str | None
     update_description: dict | None  # updatedFields (BSON types), removedFields, truncatedArrays
     position: SourcePosition
     # The envelope's own text of what this event changed, the part of the idempotency key that
     # tells apart two events at one position (two operations of one transaction).
     content: str
+    # The document sanitized straight from `after` (the fast path), when it could be.
+    fast: FastAfter | None = field(default=None, repr=False, compare=False)
+    parsed_document: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_document(self) -> bool:
+        return self.after is not None
+
+    @property
+    def document(self) -> dict | None:
+        """`after` in BSON types (as pymongo returns documents); built on first use."""
+        if self.parsed_document is None and self.after is not None:
+            object.__setattr__(self, "parsed_document", ejson_loads(self.after))
+        return self.parsed_document
 
     @property
     def operation(self) -> str:
@@ -145,8 +169,370 @@ def _unwrap(value: Any) -> Any:
 
 
 def ejson_loads(text: str) -> Any:
-    """Extended JSON (as Debezium writes it) to BSON types, as pymongo would return them."""
-    return json_util.loads(text, json_options=JSON_OPTIONS)
+    """Extended JSON (as Debezium writes it) to BSON types: exactly what `json_util.loads`
+    gives with JSON_OPTIONS, several times faster.
+
+    The fast path parses with orjson and converts each object bottom-up, as `json_util`'s
+    object hook does: the wrappers Debezium writes for every document (`$oid`,
+    `$numberDecimal`, `$date` in epoch milliseconds, `$numberLong`, `$binary` with a `$type`)
+    in place, every other Extended JSON form through `json_util.object_hook` itself. Whatever
+    orjson reads differently from Python's json module (NaN and Infinity, numbers that
+    overflow, integers past 64 bits, lone surrogates), and any error at all, goes to
+    `json_util.loads`, so neither the result nor the error depends on the fast path.
+    """
+    try:
+        tree = orjson.loads(text)
+        cls = type(tree)
+        if cls is dict:
+            return _ejson_object(tree)
+        if cls is list:
+            _ejson_array(tree)
+        elif cls is float and not -_INT64_FLOAT < tree < _INT64_FLOAT:
+            raise _NotFast
+        return tree
+    except Exception:  # noqa: BLE001 - json_util decides what the result or the error is
+        return json_util.loads(text, json_options=JSON_OPTIONS)
+
+
+class _NotFast(Exception):
+    """The fast path cannot tell what Python's json module would read here."""
+
+
+# orjson reads an integer literal outside [-2**63, 2**64) as a float, Python's json as an int.
+# Every such float is at least 2**63 in magnitude, so one that large (a genuine large double
+# too) takes the json_util path.
+_INT64_FLOAT = float(2**63)
+# The members json_util.object_hook converts (bson.json_util._PARSERS; a test keeps the two
+# equal). An object with none of them is a plain document and stays a dict.
+EXTENDED_JSON_KEYS = frozenset(
+    {
+        "$oid",
+        "$ref",
+        "$date",
+        "$regex",
+        "$minKey",
+        "$maxKey",
+        "$binary",
+        "$code",
+        "$uuid",
+        "$undefined",
+        "$numberLong",
+        "$timestamp",
+        "$numberDecimal",
+        "$dbPointer",
+        "$regularExpression",
+        "$symbol",
+        "$numberInt",
+        "$numberDouble",
+    }
+)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_LOW_64 = (1 << 64) - 1
+_DECIMAL128_BIAS = 6176
+# A plain decimal of at most 34 digits is stored exactly: coefficient = its digits, exponent =
+# minus the digits after the point. Anything else (exponents, signs other than -, spaces,
+# underscores, more digits, NaN, Infinity) goes through Decimal128(str), which rounds.
+_PLAIN_DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
+_MAX_PLAIN_DECIMAL_DIGITS = 34
+
+
+def _decimal128(text: Any) -> Any:
+    """`{"$numberDecimal": text}` as json_util reads it; Decimal128(str) costs ~10 us."""
+    if type(text) is not str:
+        return _NOT_HANDLED
+    plain = _PLAIN_DECIMAL.fullmatch(text)
+    if plain is None:
+        return Decimal128(text)
+    sign, whole, fraction = plain.groups()
+    if fraction is None:
+        fraction = ""
+    if len(whole) + len(fraction) > _MAX_PLAIN_DECIMAL_DIGITS:
+        return Decimal128(text)
+    coefficient = int(whole + fraction)
+    high = (coefficient >> 64) | ((_DECIMAL128_BIAS - len(fraction)) << 49)
+    if sign:
+        high |= 1 << 63
+    return Decimal128((high, coefficient & _LOW_64))
+
+
+def _date(value: Any) -> Any:
+    if type(value) is not int:
+        return _NOT_HANDLED  # an ISO string, {"$numberLong": …}: json_util's own parser
+    # json_util: EPOCH + timedelta(seconds, microseconds) of the same milliseconds.
+    return _EPOCH_NAIVE + timedelta(milliseconds=value)
+
+
+_NOT_HANDLED = object()
+
+
+def _object_id(value: Any) -> Any:
+    return ObjectId(value) if type(value) is str else _NOT_HANDLED
+
+
+def _int64(value: Any) -> Any:
+    return Int64(value) if type(value) is str else _NOT_HANDLED
+
+
+# Single-member wrappers converted in place: the member's value → the BSON value, or
+# _NOT_HANDLED for json_util.object_hook. Each calls what json_util's parser of that form does.
+_WRAPPERS = {
+    "$oid": _object_id,
+    "$numberDecimal": _decimal128,
+    "$date": _date,
+    "$numberLong": _int64,
+}
+
+
+def _legacy_binary(obj: dict) -> Any:
+    """`{"$binary": base64, "$type": "hh"}` as json_util reads it with UUIDs UNSPECIFIED."""
+    data, subtype_text = obj["$binary"], obj["$type"]
+    if type(data) is not str or type(subtype_text) is not str or len(subtype_text) > 2:
+        return _NOT_HANDLED
+    subtype = int(subtype_text, 16)
+    payload = base64.b64decode(data.encode())
+    if subtype == 0:
+        return payload  # json_util gives plain bytes for subtype 0
+    return Binary(payload, subtype)
+
+
+def _wrapped(obj: dict) -> Any:
+    """A wrapper whose member is a scalar, converted in place, or _NOT_HANDLED."""
+    size = len(obj)
+    if size == 1:
+        for key, value in obj.items():
+            convert = _WRAPPERS.get(key)
+            if convert is not None:
+                return convert(value)
+    elif size == 2 and "$binary" in obj and "$type" in obj:
+        return _legacy_binary(obj)
+    return _NOT_HANDLED
+
+
+def _ejson_object(obj: dict) -> Any:
+    for key, value in obj.items():
+        cls = type(value)
+        if cls is dict:
+            # Most objects inside a document are wrappers of one scalar: no recursion.
+            converted = _wrapped(value) if len(value) <= 2 else _NOT_HANDLED
+            obj[key] = _ejson_object(value) if converted is _NOT_HANDLED else converted
+        elif cls is list:
+            _ejson_array(value)
+        elif cls is float and not -_INT64_FLOAT < value < _INT64_FLOAT:
+            raise _NotFast
+    if EXTENDED_JSON_KEYS.isdisjoint(obj):
+        return obj
+    converted = _wrapped(obj)
+    return json_util.object_hook(obj, JSON_OPTIONS) if converted is _NOT_HANDLED else converted
+
+
+def _ejson_array(items: list) -> None:
+    for index, value in enumerate(items):
+        cls = type(value)
+        if cls is dict:
+            converted = _wrapped(value) if len(value) <= 2 else _NOT_HANDLED
+            items[index] = _ejson_object(value) if converted is _NOT_HANDLED else converted
+        elif cls is list:
+            _ejson_array(value)
+        elif cls is float and not -_INT64_FLOAT < value < _INT64_FLOAT:
+            raise _NotFast
+
+
+# -- `after` straight to its sanitized form ------------------------------------------------------
+# Sanitizing a document parsed into BSON types builds an ObjectId, a Decimal128, a datetime, a
+# Binary for each wrapper only to turn each back into text. For the forms Debezium writes,
+# `_sanitized_after` goes from orjson's tree to exactly what
+# `sanitize_document(ejson_loads(text))` returns; for anything else, and for every document
+# that would be rejected, it gives up (_NotFast) and the caller takes that slow composition,
+# which also decides the error. The document in BSON types is then built only when asked for.
+
+
+def _plain_decimal_text(text: str) -> str | None:
+    """The sanitized form of `{"$numberDecimal": text}` when text is a plain decimal that
+    Decimal128 stores exactly and prints back unchanged, else None."""
+    plain = _PLAIN_DECIMAL.fullmatch(text)
+    if plain is None:
+        return None
+    _sign, whole, fraction = plain.groups()
+    digits = len(whole) + (len(fraction) if fraction else 0)
+    if digits > _MAX_PLAIN_DECIMAL_DIGITS or (whole[0] == "0" and len(whole) > 1):
+        return None
+    if fraction:
+        # Printed in scientific notation when the adjusted exponent is below -6.
+        significant = len((whole + fraction).lstrip("0")) or 1
+        if significant - len(fraction) - 1 < -6:
+            return None
+    return text
+
+
+def _sanitized_wrapper(obj: dict) -> Any:
+    """The sanitized form of a wrapper object, or _NOT_HANDLED."""
+    size = len(obj)
+    if size == 1:
+        for key, value in obj.items():
+            cls = type(value)
+            if key == "$oid" and cls is str:
+                return str(ObjectId(value))
+            if key == "$numberDecimal" and cls is str:
+                text = _plain_decimal_text(value)
+                if text is None:
+                    decimal = _decimal128(value)
+                    return _NOT_HANDLED if decimal is _NOT_HANDLED else _decimal_text(decimal)
+                return text
+            if key == "$date" and cls is int:
+                return iso_utc(_EPOCH_NAIVE + timedelta(milliseconds=value))
+            if key == "$numberLong" and cls is str:
+                number = int(Int64(value))
+                return number if -_MAX_SAFE_INT <= number <= _MAX_SAFE_INT else str(number)
+            if key == "$timestamp" and cls is dict and len(value) == 2:
+                t, i = value.get("t"), value.get("i")
+                if type(t) is int and type(i) is int and 0 <= t <= _UINT32 and 0 <= i <= _UINT32:
+                    return {"$timestamp": {"t": t, "i": i}}
+    elif size == 2 and "$binary" in obj and "$type" in obj:
+        data, subtype_text = obj["$binary"], obj["$type"]
+        if type(data) is str and type(subtype_text) is str and len(subtype_text) <= 2:
+            subtype = int(subtype_text, 16)
+            if subtype >= 0:
+                payload = base64.b64decode(data.encode())
+                if subtype == 4 and len(payload) == 16:
+                    return _binary_text(Binary(payload, 4))
+                return _base64_text(payload)
+    return _NOT_HANDLED
+
+
+def _sanitized_object(obj: dict, budget: int, top: bool = False) -> dict:
+    if budget < 0:
+        raise _NotFast
+    out = {}
+    for key, value in obj.items():
+        if not key.isascii():
+            _check_text(key)
+        if top and key.startswith(CERTYO_FIELD_PREFIX):
+            # Not shipped, but json_util must be able to read it, as on the slow path.
+            if type(value) is dict or type(value) is list:
+                _ejson_value(value)
+            continue
+        cls = type(value)
+        if cls is str:
+            if not value.isascii():
+                _check_text(value)
+            out[key] = value
+        elif cls is dict:
+            if EXTENDED_JSON_KEYS.isdisjoint(value):
+                out[key] = _sanitized_object(value, budget - 1)
+            else:
+                out[key] = _sanitized_extended(value, budget)
+        elif cls is int:
+            out[key] = value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else str(value)
+        elif cls is float:
+            if not -_INT64_FLOAT < value < _INT64_FLOAT:
+                raise _NotFast
+            out[key] = value
+        elif cls is list:
+            out[key] = _sanitized_array(value, budget - 1)
+        else:  # True, False, None
+            out[key] = value
+    return out
+
+
+def _sanitized_array(items: list, budget: int) -> list:
+    if budget < 0:
+        raise _NotFast
+    out = []
+    append = out.append
+    for value in items:
+        cls = type(value)
+        if cls is str:
+            if not value.isascii():
+                _check_text(value)
+            append(value)
+        elif cls is dict:
+            if EXTENDED_JSON_KEYS.isdisjoint(value):
+                append(_sanitized_object(value, budget - 1))
+            else:
+                append(_sanitized_extended(value, budget))
+        elif cls is int:
+            append(value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else str(value))
+        elif cls is float:
+            if not -_INT64_FLOAT < value < _INT64_FLOAT:
+                raise _NotFast
+            append(value)
+        elif cls is list:
+            append(_sanitized_array(value, budget - 1))
+        else:
+            append(value)
+    return out
+
+
+def _sanitized_extended(obj: dict, budget: int) -> Any:
+    """A member holding Extended JSON keys: a wrapper, or a DBRef of the usual shape."""
+    converted = _sanitized_wrapper(obj)
+    if converted is not _NOT_HANDLED:
+        return converted
+    if "$ref" in obj and "$id" in obj and len(obj) <= 3 and obj.keys() <= _DBREF_KEYS:
+        # json_util: DBRef(collection, id, database); sanitized as {$ref, $id[, $db]}.
+        collection, database = obj["$ref"], obj.get("$db")
+        if type(collection) is str and (database is None or type(database) is str):
+            doc = {"$ref": collection, "$id": obj["$id"]}
+            if database is not None:
+                doc["$db"] = database
+            return _sanitized_object(doc, budget - 1)
+    raise _NotFast
+
+
+_DBREF_KEYS = frozenset({"$ref", "$id", "$db"})
+_MAX_SAFE_INT = 2**53 - 1
+_UINT32 = 2**32 - 1
+
+
+class FastAfter(NamedTuple):
+    """What the fast path read from `after` without building the document's BSON types."""
+
+    # orjson.dumps(sanitize_document(document)): bytes, so that the tree is freed at once
+    # instead of living (and being scanned by the garbage collector) until write-back.
+    payload_json: bytes
+    timestamp_field: str
+    timestamp: datetime | None  # the field's value when it is a date, as the document has it
+
+
+def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None:
+    """`after` (orjson's tree) sanitized, when the fast path can: a document whose `_id` is
+    the key's. None sends the caller to the slow path, which also names any error."""
+    if type(tree) is not dict or not EXTENDED_JSON_KEYS.isdisjoint(tree) or "_id" not in tree:
+        return None
+    try:
+        payload_json = orjson.dumps(_sanitized_object(tree, DEFAULT_MAX_DEPTH, top=True))
+        if _ejson_value(tree["_id"]) != doc_id:
+            return None
+        value: Any = tree
+        for part in timestamp_field.split("."):
+            if type(value) is not dict or not EXTENDED_JSON_KEYS.isdisjoint(value):
+                return None  # the slow path decides what the path holds
+            if part not in value:
+                value = None
+                break
+            value = value[part]
+        timestamp = _ejson_value(value)
+        return FastAfter(
+            payload_json, timestamp_field, timestamp if isinstance(timestamp, datetime) else None
+        )
+    except Exception:  # noqa: BLE001 - the slow path gives the result or the error
+        return None
+
+
+def _ejson_value(value: Any) -> Any:
+    """One value of orjson's tree in BSON types, as json_util reads it (the tree is kept)."""
+    cls = type(value)
+    if cls is dict:
+        if len(value) <= 2:  # a wrapper of one scalar ($oid, $date…) needs no copy
+            converted = _wrapped(value)
+            if converted is not _NOT_HANDLED:
+                return converted
+        return _ejson_object(copy.deepcopy(value))
+    if cls is list:
+        items = copy.deepcopy(value)
+        _ejson_array(items)
+        return items
+    return value
 
 
 def _ejson(text: Any, what: str, doc_id: Any = None) -> Any:
@@ -253,7 +639,11 @@ def parse_message(
             doc_id,
         )
     after_text = envelope.get("after")
-    document = None if after_text is None else _ejson(after_text, "after", doc_id)
+    fast = document = None
+    if after_text is not None:
+        fast = _fast_after_text(after_text, doc_id, spec.timestamp_field)
+        if fast is None:
+            document = _ejson(after_text, "after", doc_id)
     if document is not None:
         if type(document) is not dict:
             raise DebeziumPoisonError(NOT_AN_ENVELOPE, "after is not a document", doc_id)
@@ -269,21 +659,34 @@ def parse_message(
         description = _update_description(envelope.get("updateDescription"), doc_id)
         if description is not None and _touches_only_certyo_fields(description):
             return Skip(OWN_WRITE_BACK, doc_id)
-        if document is None and description is None:
+        if fast is None and document is None and description is None:
             raise DebeziumPoisonError(
                 NOT_AN_ENVELOPE, "an update with neither after nor updateDescription", doc_id
             )
-    elif op in ("r", "c") and document is None:
+    elif op in ("r", "c") and fast is None and document is None:
         raise DebeziumPoisonError(NOT_AN_ENVELOPE, f"an op {op!r} event without after", doc_id)
+    has_document = fast is not None or document is not None
     return Change(
         op=op,
         doc_id=doc_id,
         record_id=_record_id(doc_id),
-        document=document,
+        after=after_text if has_document else None,
         update_description=description,
         position=position,
         content=_content(op, envelope, position),
+        fast=fast,
+        parsed_document=document,
     )
+
+
+def _fast_after_text(text: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None:
+    if type(text) is not str:
+        return None
+    try:
+        tree = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return fast_after(tree, doc_id, timestamp_field)
 
 
 def _record_id(doc_id: Any) -> str:
@@ -350,7 +753,9 @@ def change_payload(change: Change) -> dict:
     `{"_id": <id>, "_updateDescription": {"updatedFields": [{"field", "value"}…],
     "removedFields": […], "truncatedArrays": […]}}`.
     """
-    if change.document is not None:
+    if change.fast is not None:
+        return orjson.loads(change.fast.payload_json)
+    if change.has_document:
         return sanitize_document(change.document)
     doc_id = sanitize_value(change.doc_id)
     if change.op == "d":
@@ -388,7 +793,9 @@ class ChangeRecord(NamedTuple):
 
 
 def _document_timestamp(change: Change, spec: CollectionSpec) -> datetime | None:
-    if change.document is None:
+    if change.fast is not None and change.fast.timestamp_field == spec.timestamp_field:
+        return change.fast.timestamp
+    if not change.has_document:
         return None
     value: Any = change.document
     for part in spec.timestamp_field.split("."):
@@ -411,8 +818,10 @@ def encode_change(
 ) -> ChangeRecord:
     """The Certyo record of one change. Raises PoisonDocumentError (too large, unsanitizable)."""
     try:
-        payload = change_payload(change)
-        payload_json = orjson.dumps(payload)
+        if change.fast is not None:
+            payload_json = change.fast.payload_json
+        else:
+            payload_json = orjson.dumps(change_payload(change))
     except PoisonDocumentError as exc:
         exc.record_id = change.record_id
         raise

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import dagster as dg
@@ -44,22 +45,27 @@ class _Client:
     def __init__(self, real, point: str, slow: float):
         self._real, self._point, self._slow = real, point, slow
         self._posts = 0
+        self._lock = threading.Lock()
 
-    def _before(self) -> None:
-        self._posts += 1
+    def _before(self) -> int:
+        # Batches are shipped concurrently: number each call when it starts.
+        with self._lock:
+            self._posts += 1
+            number = self._posts
         if self._slow:
             time.sleep(self._slow)
-        if self._point == "before_post" and self._posts == 3:
+        if self._point == "before_post" and number == 3:
             _die()
+        return number
 
     def ingest_record(self, record):
         self._before()
         return self._real.ingest_record(record)
 
     def post_bulk_body(self, body, count):
-        self._before()
+        number = self._before()
         response = self._real.post_bulk_body(body, count)
-        if self._point == "after_post" and self._posts == 2:
+        if self._point == "after_post" and number == 2:
             _die()
         return response
 

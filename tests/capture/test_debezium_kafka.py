@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from bson import ObjectId
 from confluent_kafka import Consumer, TopicPartition
@@ -29,10 +31,13 @@ from fixtures.pipeline import hour
 from fixtures.sandbox import TENANT_A, TEST_KEY_A
 
 from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
+from certyo_dagster.ship.debezium import DebeziumIngestError, DebeziumIngestor
+from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.source.kafka import probe_lag
 
 HARNESS = Path(__file__).with_name("debezium_harness.py")
 BULK = "/api/v1/records/bulk"
+RECORDS = "/api/v1/records"
 
 
 def _counts(result) -> dict:
@@ -117,8 +122,10 @@ def test_consumer_sigkilled_mid_batch_three_times_loses_nothing_and_only_replays
         code, output = _finish(_harness(p, point, batch_size=12))
         assert code == -signal.SIGKILL, output
         committed.append(committed_offsets(p.broker.bootstrap, p.group(), p.topic())[0])
-    # Each killed run committed only the batches Certyo had acknowledged before it died.
-    assert committed == sorted(committed) and committed[0] > 0, committed
+    # Each killed run committed only the batches Certyo had acknowledged before it died; the
+    # one killed in its second write-back had committed its first batch (batches are written
+    # back and committed in order, whatever is in flight).
+    assert committed == sorted(committed) and committed[1] > max(committed[0], 0), committed
     result = _counts(p.run(batch_size=12))
     assert result["caught_up"] is True
     counts = ledger.check()
@@ -131,7 +138,9 @@ def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
 ):
     p = make_debezium_pipeline(secantus_db, sandbox, kafka_broker, partitions=2)
     ledger = p.ledger()
-    _history(ledger, documents=40)
+    # Enough messages that the first member, with its batches in flight, is still reading
+    # when the second one has joined.
+    _history(ledger, documents=100)
     ledger.send()
     first = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
     # The second member joins while the first is mid-way: the group rebalances.
@@ -163,13 +172,20 @@ def test_a_certyo_outage_commits_no_offset_and_the_next_run_ships_everything(
     ledger = p.ledger()
     _history(ledger, documents=20)
     ledger.send()
-    p.sandbox.script_faults([{"status": 503, "times": 1000, "path": BULK}])
+    # Both ingest endpoints: with batches in flight, the last (short) batch goes to the
+    # single-record endpoint while the first is still being retried.
+    p.sandbox.script_faults(
+        [
+            {"status": 503, "times": 1000, "path": BULK},
+            {"status": 503, "times": 1000, "path": RECORDS},
+        ]
+    )
     failed = p.run(raise_on_error=False, batch_size=15)
     assert not failed.success
     message = str(failed.all_events[-1].event_specific_data)
     assert committed_offsets(p.broker.bootstrap, p.group(), p.topic())[0] < 0, message
+    p.sandbox.clear_faults()  # the fault on /api/v1/records would also answer the query
     assert p.certyo_records() == []
-    p.sandbox.clear_faults()
     assert _counts(p.run(batch_size=15))["caught_up"] is True
     ledger.check().assert_clean("debezium: Certyo outage")
 
@@ -297,3 +313,78 @@ def test_the_kafka_password_appears_in_no_event_log_or_metadata(
     logs = p.instance.all_logs(result.run_id)
     text += "\n".join(repr(entry) for entry in logs)
     assert "kafka-pw-never-logged" not in text
+
+
+class _OutOfOrderCertyo:
+    """The real client, but the call holding the first document is answered only after three
+    later calls were, and the call holding `failing` fails: a Certyo (or a gateway) that
+    answers concurrent calls in any order and refuses one of them."""
+
+    def __init__(self, real, failing: str) -> None:
+        self._real, self._failing = real, failing
+        self._later_answered = threading.Semaphore(0)
+        self.concurrent: bool | None = None
+        self.answered: list[int] = []  # the first document number of each acknowledged call
+        self.failed: tuple[int, int] | None = None  # first document number, records
+
+    def ingest_record(self, record):
+        return self._real.ingest_record(record)
+
+    def post_bulk_body(self, body, count):
+        ids = [r["recordId"] for r in orjson.loads(body)["records"]]
+        first = int(ids[0].split("-")[1])
+        if first == 0:
+            self.concurrent = all(self._later_answered.acquire(timeout=20) for _ in range(3))
+        try:
+            if self._failing in ids:
+                self.failed = (first, count)
+                raise CertyoError("503 from a gateway", status_code=503)
+            response = self._real.post_bulk_body(body, count)
+            self.answered.append(first)
+            return response
+        finally:
+            if first != 0:
+                self._later_answered.release()
+
+
+def test_batches_in_flight_commit_in_kafka_order_and_stop_at_the_first_failed_batch(
+    debezium_pipeline,
+):
+    p = debezium_pipeline
+    total = 48
+    ledger = p.ledger()
+    for n in range(total):
+        ledger.write(product(f"doc-{n:03d}", 0, ts=hour(1, second=n)))
+    ledger.send()
+    client = _OutOfOrderCertyo(p.resources["certyo"].get_client(), failing="doc-020")
+    ingestor = DebeziumIngestor(
+        database=p.db,
+        spec=p.spec(),
+        kafka=p.kafka,
+        client=client,
+        tenant_id=TENANT_A,
+        run_id="out-of-order",
+        batch_size=12,
+        max_in_flight=4,
+        max_seconds=30,
+    )
+    with pytest.raises(DebeziumIngestError) as failed:
+        ingestor.run()
+    # Later batches were shipped, and acknowledged, while the first was still in flight.
+    assert client.concurrent is True
+    assert client.answered.index(0) >= 2, client.answered
+    # Offset n is document n. Everything before the failed batch is committed and written
+    # back; the batches Certyo acknowledged after it are stored but not committed.
+    assert client.failed is not None
+    failed_at, failed_size = client.failed
+    assert failed_at > 0
+    assert failed.value.report.committed == {0: failed_at}
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: failed_at}
+    assert p.db["products"].count_documents({"certyo_status": "pending"}) == failed_at
+    stored = len(p.certyo_records())
+    assert stored > failed_at and stored <= total - failed_size
+    # The next run reads from the failed batch on: what Certyo holds comes back as replays.
+    again = _counts(p.run(batch_size=12))
+    assert again["accepted"] == total - stored and again["replayed"] == stored - failed_at
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: total}
+    ledger.check().assert_clean("debezium: batches answered out of order")
