@@ -139,8 +139,10 @@ def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
     p = make_debezium_pipeline(secantus_db, sandbox, kafka_broker, partitions=2)
     ledger = p.ledger()
     # Enough messages that the first member, with its batches in flight, is still reading
-    # when the second one has joined.
-    _history(ledger, documents=100)
+    # when the second one has started and joined, even on a busy machine where starting an
+    # interpreter takes seconds. (Slower batches would not do: a rebalance waits for the
+    # batches in flight.)
+    _history(ledger, documents=300)
     ledger.send()
     first = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
     # The second member joins while the first is mid-way: the group rebalances.
