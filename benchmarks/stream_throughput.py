@@ -255,7 +255,7 @@ TARGET_P95_SECONDS = 60.0
 WRITE_TICK = 0.1
 # A writer that falls behind catches up in batches of at most this many documents.
 MAX_WRITE_BATCH = 1000
-# After the writer stops, the sensor model keeps ticking until the stream is drained.
+# After the writer stops, capture goes on until every write is accepted, at most this long.
 DRAIN_LIMIT_SECONDS = 600.0
 
 
