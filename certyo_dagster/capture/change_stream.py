@@ -65,7 +65,11 @@ from certyo_dagster.source.mongo import bulk_update, upsert_with_retry
 
 GAPS_COLLECTION = "_certyo_gaps"
 FULL_DOCUMENT_MODES = ("updateLookup", "whenAvailable", "required")
-DEFAULT_MAX_EVENTS = 10_000
+# max_seconds is the bound a run meets in practice; the count bound only stops a fast server
+# from making one run ship an unbounded backlog. Each run costs Dagster 10-20 s to launch and
+# the sensor ticks every 30 s, so a collection gets about one run a minute: with 10,000
+# events per run it fell behind at 200 writes/s (benchmarks/README.md, stream_throughput).
+DEFAULT_MAX_EVENTS = 100_000
 DEFAULT_MAX_SECONDS = 60.0
 DEFAULT_BATCH_SIZE = 1000
 # How long one getMore waits for new events before the run counts the stream as drained.
