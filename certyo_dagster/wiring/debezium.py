@@ -139,6 +139,9 @@ def build_debezium_defs(spec: CollectionSpec, settings: PipelineSettings) -> dg.
         description=f"Read Debezium's events of {spec.database}.{spec.collection} from Kafka "
         "and ship them to Certyo in order.",
         tags={"certyo/collection": spec.collection},
+        # One step: run it in the run's own process instead of spawning a step process,
+        # which costs seconds of every run's latency.
+        executor_def=dg.in_process_executor,
     )
     return dg.Definitions(
         assets=[source, debezium_events],

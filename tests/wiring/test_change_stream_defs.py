@@ -82,7 +82,7 @@ def test_a_change_stream_collection_has_the_stream_names_and_no_polling_ones():
         .config_type.fields
     )
     assert {"max_events", "max_seconds", "full_document", "resnapshot"} <= set(config)
-    assert config["max_events"].default_value == 100_000
+    assert config["max_events"].default_value == 10_000
     assert config["max_seconds"].default_value == 60
     assert config["full_document"].default_value == "updateLookup"
     assert config["resnapshot"].default_value is False
