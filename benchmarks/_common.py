@@ -441,6 +441,14 @@ def rss_mb(field_name: str = "VmRSS") -> float:
     return float("nan")
 
 
+def per_cpu_second(function: Callable[[Any], Any], items: list[Any]) -> float:
+    """`function` applied to each item: items per CPU-second of this process."""
+    started = time.process_time()
+    for item in items:
+        function(item)
+    return len(items) / (time.process_time() - started)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

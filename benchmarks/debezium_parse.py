@@ -21,24 +21,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from _common import TENANT, CatalogSource, median, write_result
+from _common import TENANT, CatalogSource, median, per_cpu_second, write_result
 from bson import json_util
 from debezium_throughput import envelope, spec
 
 from certyo_dagster.capture import debezium
 from certyo_dagster.capture.debezium import JSON_OPTIONS, encode_change, parse_message
-
-
-def per_cpu_second(function: Callable[[Any], Any], items: list[Any]) -> float:
-    started = time.process_time()
-    for item in items:
-        function(item)
-    return len(items) / (time.process_time() - started)
 
 
 def main() -> None:

@@ -20,25 +20,17 @@ reports the median of `--repeat` passes.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
 import bson
 import orjson
-from _common import TENANT, CatalogSource, median, spec_for, write_result
+from _common import TENANT, CatalogSource, median, per_cpu_second, spec_for, write_result
 from bson import json_util
 
 from certyo_dagster.prove.hashing import record_hash
 from certyo_dagster.sanitize.documents import sanitize_document
 from certyo_dagster.sanitize.records import CertyoRecordEncoder
-
-
-def per_cpu_second(function: Callable[[Any], Any], items: list[Any]) -> float:
-    started = time.process_time()
-    for item in items:
-        function(item)
-    return len(items) / (time.process_time() - started)
 
 
 def main() -> None:
