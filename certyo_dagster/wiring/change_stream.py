@@ -276,7 +276,16 @@ def build_change_stream_sensor(
             dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=1
         )
         if active:
-            return dg.SkipReason(f"{job_name} run {active[0].dagster_run.run_id} is active")
+            run = active[0].dagster_run
+            if run.status in WAITING_RUN_STATUSES:
+                return dg.SkipReason(f"{job_name} run {run.run_id} is waiting to start")
+            if not _queues_runs(context.instance):
+                return dg.SkipReason(f"{job_name} run {run.run_id} is active")
+            # With a run queue, the next run waits in it behind the active one (the queue
+            # lets one run per collection start) and begins as soon as that one ends,
+            # instead of at the first tick after it: a busy collection never waits a whole
+            # interval between runs. Its run key names the position the active run has
+            # saved so far; a run that starts reads the position saved by then.
         found = peek(mongo.get_database(), spec)
         cursor = encode_cursor(found.position)
         if cursor is not None:
@@ -306,6 +315,15 @@ def build_change_stream_sensor(
         )
 
     return change_stream_sensor
+
+
+WAITING_RUN_STATUSES = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED)
+
+
+def _queues_runs(instance: dg.DagsterInstance) -> bool:
+    """Whether the instance has a run queue, which holds a second stream_<c> run until the
+    first ends (dagster.yaml's and deploy/dagster.yaml's limits allow one per collection)."""
+    return isinstance(instance.run_coordinator, dg.QueuedRunCoordinator)
 
 
 def _position_text(position: StreamPosition | None) -> str:

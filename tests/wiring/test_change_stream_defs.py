@@ -4,6 +4,7 @@ over the wire."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -185,6 +186,33 @@ def test_sensor_requests_runs_by_position_and_saves_the_heartbeat(streamed):
     assert not busy.run_requests and "is active" in busy.skip_message
     failed = _run(streamed, raise_on_error=False)
     assert not failed.success  # a second run never moves the position alongside another
+
+
+def test_with_a_run_queue_the_next_run_waits_behind_the_active_one(streamed, tmp_path):
+    """A busy collection's next run is queued while one runs, so it starts when that one ends
+    instead of at the first tick after it; never more than one waits."""
+    _run(streamed)  # the saved position lives in MongoDB, not in the instance
+    streamed.db.items.insert_one({"_id": 1})
+    queued = {"run_coordinator": {"module": "dagster", "class": "QueuedRunCoordinator"}}
+    with dg.instance_for_test(overrides=queued, temp_dir=str(tmp_path)) as instance:
+        pipeline = dataclasses.replace(streamed, instance=instance)
+        active = dg.DagsterRun(
+            job_name=JOB,
+            run_id="0a1b2c3d-0000-4000-8000-00000000000a",
+            status=dg.DagsterRunStatus.STARTED,
+        )
+        instance.add_run(active)
+        (request,) = _tick(pipeline).run_requests
+        assert request.tags["certyo/position"] in request.run_key
+        instance.add_run(
+            dg.DagsterRun(
+                job_name=JOB,
+                run_id="0a1b2c3d-0000-4000-8000-00000000000b",
+                status=dg.DagsterRunStatus.NOT_STARTED,  # submitted, not yet started
+            )
+        )
+        waiting = _tick(pipeline)
+        assert not waiting.run_requests and "waiting to start" in waiting.skip_message
 
 
 def test_a_fresh_dagster_instance_resumes_from_certyo_cursors(streamed, mongo, sandbox):
