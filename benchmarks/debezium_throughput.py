@@ -27,6 +27,8 @@ broker another machine, so neither takes the client's CPU. `--no-pin` lets them 
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import threading
 from typing import Any
 
@@ -174,7 +176,12 @@ class _Collection(GeneratedCollection):
 
 
 def run_debezium(
-    bootstrap: str, base_url: str, source: CatalogSource, run: int, in_flight: int
+    bootstrap: str,
+    base_url: str,
+    source: CatalogSource,
+    run: int,
+    in_flight: int,
+    profile: cProfile.Profile | None = None,
 ) -> dict:
     collection = _Collection(source)
     database = GeneratedDatabase({COLLECTION: collection})
@@ -201,7 +208,13 @@ def run_debezium(
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        report_box.append(ingestor.run())
+        if profile is not None:
+            profile.enable()
+        try:
+            report_box.append(ingestor.run())
+        finally:
+            if profile is not None:
+                profile.disable()
         stop.set()
         sampler.join()
     report = report_box[0]
@@ -228,7 +241,11 @@ PHASES = ("raw", "limit", "debezium")
 
 
 def one_run(
-    source: CatalogSource, run: int, in_flight: int, pinning: Pinning | None
+    source: CatalogSource,
+    run: int,
+    in_flight: int,
+    pinning: Pinning | None,
+    profile: cProfile.Profile | None = None,
 ) -> dict[str, dict[str, float]]:
     phases: dict[str, dict[str, float]] = {}
     topic = f"certyo.{DATABASE}.{COLLECTION}"
@@ -247,7 +264,9 @@ def one_run(
                 elif phase == "limit":
                     count = run_limit(sandbox.base_url, bodies, in_flight)
                 else:
-                    extra = run_debezium(broker.bootstrap, sandbox.base_url, source, run, in_flight)
+                    extra = run_debezium(
+                        broker.bootstrap, sandbox.base_url, source, run, in_flight, profile
+                    )
                     count = source.count
             phases[phase] = {
                 "per_second": count / watch.wall,
@@ -279,6 +298,11 @@ def one_run(
 def main() -> None:
     parser = catalog_parser(__doc__, documents=30_000, repeat=3)
     add_pin_option(parser)
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="cProfile the debezium phase's consume thread (every run) and write the stats here",
+    )
     args = parser.parse_args()
     pinning = Pinning.choose(args.pin)
     if pinning is not None:
@@ -294,7 +318,12 @@ def main() -> None:
             f"pinned: broker and sandbox on core(s) {sorted(pinning.server_cores)}, "
             f"this process on core(s) {sorted(pinning.client_cores)}"
         )
-    runs = [one_run(source, run, args.in_flight, pinning) for run in range(args.repeat)]
+    profile = cProfile.Profile() if args.profile else None
+    runs = [one_run(source, run, args.in_flight, pinning, profile) for run in range(args.repeat)]
+    if profile is not None:
+        profile.dump_stats(args.profile)
+        print(f"profile of the debezium phase written to {args.profile}; top by own time:")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
     medians = {
         phase: {key: median([r[phase][key] for r in runs]) for key in runs[0][phase]}
         for phase in PHASES
