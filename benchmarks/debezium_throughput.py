@@ -30,6 +30,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -210,9 +211,11 @@ def run_debezium(
         sampler.start()
         if profile is not None:
             profile.enable()
+        thread_cpu = time.thread_time()
         try:
             report_box.append(ingestor.run())
         finally:
+            thread_cpu = time.thread_time() - thread_cpu
             if profile is not None:
                 profile.disable()
         stop.set()
@@ -231,6 +234,8 @@ def run_debezium(
         "messages": report.messages,
         "group_join_seconds": report.first_message_seconds or 0.0,
         "per_second_after_join": report.messages / reading if reading > 0 else float("nan"),
+        # The thread that consumes, parses, writes back and commits; shipping runs beside it.
+        "consume_thread_cpu_us_per_message": thread_cpu / report.messages * 1e6,
         "rss_at_25_percent_mb": quarter[0] if quarter else float("nan"),
         "rss_at_end_mb": samples[-1][1] if samples else float("nan"),
         "rss_growth_mb": (samples[-1][1] - quarter[0]) if quarter else float("nan"),
@@ -285,6 +290,8 @@ def one_run(
                 + (
                     f"; {extra['per_second_after_join']:,.0f} msgs/s after the group join "
                     f"({extra['group_join_seconds']:.1f} s)"
+                    f"; consume thread {extra['consume_thread_cpu_us_per_message']:.0f} us CPU "
+                    "per message"
                     f"; RSS {extra['rss_at_25_percent_mb']:.0f} MB at 25 %, "
                     f"{extra['rss_at_end_mb']:.0f} MB at the end"
                     if extra
