@@ -446,13 +446,13 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
-def pin(pid: int, cores: set[int]) -> int:
-    """Restrict every thread of `pid` and of its descendants to `cores`; return the threads.
+def pin(pid: int, cores: set[int], *, descendants: bool = True) -> int:
+    """Restrict every thread of `pid` (and of its descendants) to `cores`; return the threads.
 
     `os.sched_setaffinity` acts on one thread, so each task of each process is pinned;
     threads the process starts later inherit the mask of the thread that starts them."""
     pinned = 0
-    for process in _process_tree(pid):
+    for process in _process_tree(pid) if descendants else [pid]:
         try:
             tasks = [int(task) for task in os.listdir(f"/proc/{process}/task")]
         except OSError:
@@ -485,7 +485,8 @@ class Pinning:
         return cls(frozenset(cores[:1]), frozenset(cores[1:2]))
 
     def pin_client(self) -> int:
-        return pin(os.getpid(), set(self.client_cores))
+        # Not its descendants: the servers it started are pinned apart.
+        return pin(os.getpid(), set(self.client_cores), descendants=False)
 
     def pin_server(self, pid: int | None) -> int:
         if pid is None:
