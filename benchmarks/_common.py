@@ -432,6 +432,92 @@ def process_cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every descendant process (Linux /proc)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                todo.extend(int(child) for child in children.read().split())
+        except OSError:
+            pass
+    return tree
+
+
+def pin(pid: int, cores: set[int], *, descendants: bool = True) -> int:
+    """Restrict every thread of `pid` (and of its descendants) to `cores`; return the threads.
+
+    `os.sched_setaffinity` acts on one thread, so each task of each process is pinned;
+    threads the process starts later inherit the mask of the thread that starts them."""
+    pinned = 0
+    for process in _process_tree(pid) if descendants else [pid]:
+        try:
+            tasks = [int(task) for task in os.listdir(f"/proc/{process}/task")]
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                os.sched_setaffinity(task, cores)
+                pinned += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pinned
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which cores the servers (broker, sandbox) and the benchmark's own process run on.
+
+    Certyo is a remote service and a Kafka broker is another machine: neither shares the
+    client's CPU in a deployment. Pinning them to one core and the client to another keeps
+    them from taking each other's time, in every phase alike."""
+
+    server_cores: frozenset[int]
+    client_cores: frozenset[int]
+
+    @classmethod
+    def choose(cls, enabled: bool) -> Pinning | None:
+        cores = sorted(os.sched_getaffinity(0))
+        if not enabled or len(cores) < 2:
+            return None
+        return cls(frozenset(cores[:1]), frozenset(cores[1:2]))
+
+    def pin_client(self) -> int:
+        # Not its descendants: the servers it started are pinned apart.
+        return pin(os.getpid(), set(self.client_cores), descendants=False)
+
+    def pin_server(self, pid: int | None) -> int:
+        if pid is None:
+            raise SystemExit("cannot pin a server that is not running")
+        return pin(pid, set(self.server_cores))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "server_cores": sorted(self.server_cores),
+            "client_cores": sorted(self.client_cores),
+            "note": (
+                "the broker's and the sandbox's processes (every thread) share the server "
+                "cores; this benchmark process (every thread) runs on the client cores; other "
+                "processes on the machine are not pinned and may use either"
+            ),
+        }
+
+
+def add_pin_option(parser: argparse.ArgumentParser) -> None:
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=cores >= 2,
+        help=(
+            "pin the servers (broker, sandbox) to one core and this process to another "
+            f"(default: on with 2 or more cores; this machine lets us use {cores})"
+        ),
+    )
+
+
 def rss_mb(field_name: str = "VmRSS") -> float:
     """Resident memory of this process in MB (VmHWM is the peak so far)."""
     with open("/proc/self/status") as status:

@@ -364,63 +364,122 @@ def _plain_decimal_text(text: str) -> str | None:
     return text
 
 
+def _sanitized_oid(value: Any) -> Any:
+    if type(value) is not str:
+        return _NOT_HANDLED
+    # str(ObjectId(hex)) is the hex in lower case; the constructor costs ~1 us.
+    return value.lower() if _HEX_OID.fullmatch(value) else str(ObjectId(value))
+
+
+def _sanitized_decimal(value: Any) -> Any:
+    if type(value) is not str:
+        return _NOT_HANDLED
+    text = _plain_decimal_text(value)
+    if text is None:
+        decimal = _decimal128(value)
+        return _NOT_HANDLED if decimal is _NOT_HANDLED else _decimal_text(decimal)
+    return text
+
+
+def _sanitized_date(value: Any) -> Any:
+    if type(value) is not int:
+        return _NOT_HANDLED
+    return iso_utc(_EPOCH_NAIVE + timedelta(milliseconds=value))
+
+
+def _sanitized_long(value: Any) -> Any:
+    if type(value) is not str:
+        return _NOT_HANDLED
+    number = int(Int64(value))
+    return number if -_MAX_SAFE_INT <= number <= _MAX_SAFE_INT else str(number)
+
+
+def _sanitized_timestamp(value: Any) -> Any:
+    if type(value) is dict and len(value) == 2:
+        t, i = value.get("t"), value.get("i")
+        if type(t) is int and type(i) is int and 0 <= t <= _UINT32 and 0 <= i <= _UINT32:
+            return {"$timestamp": {"t": t, "i": i}}
+    return _NOT_HANDLED
+
+
+# Single-member wrappers: the member's value → its sanitized form, or _NOT_HANDLED.
+_SANITIZED_WRAPPERS = {
+    "$oid": _sanitized_oid,
+    "$numberDecimal": _sanitized_decimal,
+    "$date": _sanitized_date,
+    "$numberLong": _sanitized_long,
+    "$timestamp": _sanitized_timestamp,
+}
+_HEX_OID = re.compile(r"[0-9a-fA-F]{24}")
+
+
+def _sanitized_binary(obj: dict) -> Any:
+    data, subtype_text = obj["$binary"], obj["$type"]
+    if type(data) is str and type(subtype_text) is str and len(subtype_text) <= 2:
+        subtype = int(subtype_text, 16)
+        if subtype >= 0:
+            payload = base64.b64decode(data.encode())
+            if subtype == 4 and len(payload) == 16:
+                return _binary_text(Binary(payload, 4))
+            return _base64_text(payload)
+    return _NOT_HANDLED
+
+
 def _sanitized_wrapper(obj: dict) -> Any:
     """The sanitized form of a wrapper object, or _NOT_HANDLED."""
     size = len(obj)
     if size == 1:
         for key, value in obj.items():
-            cls = type(value)
-            if key == "$oid" and cls is str:
-                return str(ObjectId(value))
-            if key == "$numberDecimal" and cls is str:
-                text = _plain_decimal_text(value)
-                if text is None:
-                    decimal = _decimal128(value)
-                    return _NOT_HANDLED if decimal is _NOT_HANDLED else _decimal_text(decimal)
-                return text
-            if key == "$date" and cls is int:
-                return iso_utc(_EPOCH_NAIVE + timedelta(milliseconds=value))
-            if key == "$numberLong" and cls is str:
-                number = int(Int64(value))
-                return number if -_MAX_SAFE_INT <= number <= _MAX_SAFE_INT else str(number)
-            if key == "$timestamp" and cls is dict and len(value) == 2:
-                t, i = value.get("t"), value.get("i")
-                if type(t) is int and type(i) is int and 0 <= t <= _UINT32 and 0 <= i <= _UINT32:
-                    return {"$timestamp": {"t": t, "i": i}}
+            convert = _SANITIZED_WRAPPERS.get(key)
+            return _NOT_HANDLED if convert is None else convert(value)
     elif size == 2 and "$binary" in obj and "$type" in obj:
-        data, subtype_text = obj["$binary"], obj["$type"]
-        if type(data) is str and type(subtype_text) is str and len(subtype_text) <= 2:
-            subtype = int(subtype_text, 16)
-            if subtype >= 0:
-                payload = base64.b64decode(data.encode())
-                if subtype == 4 and len(payload) == 16:
-                    return _binary_text(Binary(payload, 4))
-                return _base64_text(payload)
+        return _sanitized_binary(obj)
     return _NOT_HANDLED
 
 
-def _sanitized_object(obj: dict, budget: int, top: bool = False) -> dict:
+def _sanitized_dict(value: dict, budget: int) -> Any:
+    """A dict member: a wrapper converted in place, else a document or a DBRef."""
+    if len(value) == 1:
+        for key, member in value.items():
+            convert = _SANITIZED_WRAPPERS.get(key)
+            if convert is not None:
+                converted = convert(member)
+                if converted is not _NOT_HANDLED:
+                    return converted
+    if EXTENDED_JSON_KEYS.isdisjoint(value):
+        return _sanitized_object(value, budget - 1)
+    return _sanitized_extended(value, budget)
+
+
+def _sanitized_top(obj: dict, budget: int) -> dict:
+    """The document itself: its `certyo_*` fields are left out of the payload."""
+    shipped = {}
+    for key, value in obj.items():
+        if key.startswith(CERTYO_FIELD_PREFIX):
+            if not key.isascii():
+                _check_text(key)
+            # Not shipped, but json_util must be able to read it, as on the slow path.
+            if type(value) is dict or type(value) is list:
+                _ejson_value(value)
+        else:
+            shipped[key] = value
+    return _sanitized_object(shipped, budget)
+
+
+def _sanitized_object(obj: dict, budget: int) -> dict:
     if budget < 0:
         raise _NotFast
     out = {}
     for key, value in obj.items():
         if not key.isascii():
             _check_text(key)
-        if top and key.startswith(CERTYO_FIELD_PREFIX):
-            # Not shipped, but json_util must be able to read it, as on the slow path.
-            if type(value) is dict or type(value) is list:
-                _ejson_value(value)
-            continue
         cls = type(value)
         if cls is str:
             if not value.isascii():
                 _check_text(value)
             out[key] = value
         elif cls is dict:
-            if EXTENDED_JSON_KEYS.isdisjoint(value):
-                out[key] = _sanitized_object(value, budget - 1)
-            else:
-                out[key] = _sanitized_extended(value, budget)
+            out[key] = _sanitized_dict(value, budget)
         elif cls is int:
             out[key] = value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else str(value)
         elif cls is float:
@@ -446,10 +505,7 @@ def _sanitized_array(items: list, budget: int) -> list:
                 _check_text(value)
             append(value)
         elif cls is dict:
-            if EXTENDED_JSON_KEYS.isdisjoint(value):
-                append(_sanitized_object(value, budget - 1))
-            else:
-                append(_sanitized_extended(value, budget))
+            append(_sanitized_dict(value, budget))
         elif cls is int:
             append(value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else str(value))
         elif cls is float:
@@ -500,7 +556,7 @@ def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None
     if type(tree) is not dict or not EXTENDED_JSON_KEYS.isdisjoint(tree) or "_id" not in tree:
         return None
     try:
-        payload_json = orjson.dumps(_sanitized_object(tree, DEFAULT_MAX_DEPTH, top=True))
+        payload_json = orjson.dumps(_sanitized_top(tree, DEFAULT_MAX_DEPTH))
         if _ejson_value(tree["_id"]) != doc_id:
             return None
         value: Any = tree
