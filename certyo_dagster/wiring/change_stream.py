@@ -156,7 +156,7 @@ def build_change_stream_defs(spec: CollectionSpec, settings: PipelineSettings) -
         others = [
             r
             for r in context.instance.get_run_records(
-                dg.RunsFilter(job_name=job_name, statuses=ACTIVE_RUN_STATUSES), limit=5
+                dg.RunsFilter(job_name=job_name, statuses=IN_PROGRESS_RUN_STATUSES), limit=5
             )
             if r.dagster_run.run_id != context.run.run_id
         ]
@@ -318,6 +318,9 @@ def build_change_stream_sensor(
 
 
 WAITING_RUN_STATUSES = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED)
+# Runs that may move the position; one waiting in the queue does not (it reads the position
+# when it starts), so a run never refuses to start because the next one is queued.
+IN_PROGRESS_RUN_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
 def _queues_runs(instance: dg.DagsterInstance) -> bool:

@@ -213,6 +213,15 @@ def test_with_a_run_queue_the_next_run_waits_behind_the_active_one(streamed, tmp
         )
         waiting = _tick(pipeline)
         assert not waiting.run_requests and "waiting to start" in waiting.skip_message
+    # The run that starts is not refused because the next one already waits behind it.
+    streamed.instance.add_run(
+        dg.DagsterRun(
+            job_name=JOB,
+            run_id="0a1b2c3d-0000-4000-8000-00000000000c",
+            status=dg.DagsterRunStatus.NOT_STARTED,
+        )
+    )
+    assert _run(streamed).success
 
 
 def test_a_fresh_dagster_instance_resumes_from_certyo_cursors(streamed, mongo, sandbox):
