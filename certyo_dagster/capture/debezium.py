@@ -50,6 +50,7 @@ from certyo_dagster.sanitize.documents import _decimal128 as _decimal_text
 from certyo_dagster.sanitize.records import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_IDEMPOTENCY_KEY_BYTES,
+    check_payload_size,
     record_id_of,
 )
 from certyo_dagster.settings import CollectionSpec
@@ -878,17 +879,10 @@ def encode_change(
             payload_json = change.fast.payload_json
         else:
             payload_json = orjson.dumps(change_payload(change))
+        check_payload_size(payload_json, max_payload_bytes)
     except PoisonDocumentError as exc:
         exc.record_id = change.record_id
         raise
-    if len(payload_json) > max_payload_bytes:
-        exc = PoisonDocumentError(
-            "too_large",
-            f"the payload is {len(payload_json)} bytes as JSON, over the "
-            f"{max_payload_bytes}-byte limit",
-        )
-        exc.record_id = change.record_id
-        raise exc
     version = change_version(change)
     key = change_idempotency_key(spec, change.record_id, version)
     source_timestamp = iso_utc(change.source_time)

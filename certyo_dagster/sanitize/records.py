@@ -122,16 +122,21 @@ def _record_parts(
         # sanitize_document without its argument checks: `doc` is a mapping, the depth default.
         payload = _object(doc, DEFAULT_MAX_DEPTH, drop_certyo=True)
         payload_json = orjson.dumps(payload)
-        if len(payload_json) > max_payload_bytes:
-            raise PoisonDocumentError(
-                "too_large",
-                f"the payload is {len(payload_json)} bytes as JSON, over the "
-                f"{max_payload_bytes}-byte limit",
-            )
+        check_payload_size(payload_json, max_payload_bytes)
     except PoisonDocumentError as exc:
         exc.record_id = record_id
         raise
     return record_id, ts, payload, payload_json
+
+
+def check_payload_size(payload_json: bytes, max_payload_bytes: int) -> None:
+    """PoisonDocumentError `too_large` when the payload's JSON exceeds the limit."""
+    if len(payload_json) > max_payload_bytes:
+        raise PoisonDocumentError(
+            "too_large",
+            f"the payload is {len(payload_json)} bytes as JSON, over the "
+            f"{max_payload_bytes}-byte limit",
+        )
 
 
 def to_certyo_record(
@@ -270,12 +275,7 @@ def encode_record(
                 )
             payload = _object(document, DEFAULT_MAX_DEPTH, drop_certyo=True)
         payload_json = orjson.dumps(payload)
-        if len(payload_json) > max_payload_bytes:
-            raise PoisonDocumentError(
-                "too_large",
-                f"the payload is {len(payload_json)} bytes as JSON, over the "
-                f"{max_payload_bytes}-byte limit",
-            )
+        check_payload_size(payload_json, max_payload_bytes)
     except PoisonDocumentError as exc:
         exc.record_id = record_id
         raise

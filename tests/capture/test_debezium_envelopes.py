@@ -32,7 +32,7 @@ from certyo_dagster.capture.debezium import (
     parse_message,
 )
 from certyo_dagster.prove.hashing import record_hash
-from certyo_dagster.sanitize.documents import sanitize_document
+from certyo_dagster.sanitize.documents import PoisonDocumentError, sanitize_document
 from certyo_dagster.settings import CollectionSpec
 
 SPEC = CollectionSpec("productdb", "products", capture="debezium")
@@ -251,3 +251,15 @@ def test_poison_messages_are_named():
     _poison(message["key"], json.dumps(other), WRONG_COLLECTION)
     broken_after = {**value, "after": '{"_id": {"$oid": "zz"}}'}
     _poison(message["key"], json.dumps(broken_after), BAD_JSON)
+
+
+@pytest.mark.parametrize("mode", ["schemas_off", "schemas_on"])
+def test_a_payload_over_the_size_limit_is_poison_naming_its_record(mode):
+    """Fast path or not, a change too large for Certyo becomes a dead letter's reason."""
+    message = next(m for m in captured(mode) if m["step"] == "update_inc")
+    change = parse_message(message["key"], message["value"], SPEC)
+    with pytest.raises(PoisonDocumentError) as raised:
+        encode_change(change, SPEC, "t", max_payload_bytes=10)
+    assert raised.value.reason == "too_large"
+    assert raised.value.record_id == change.record_id
+    assert "over the 10-byte limit" in str(raised.value)
