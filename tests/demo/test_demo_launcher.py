@@ -150,9 +150,10 @@ def test_unconfigured_launch_starts_secantus_sandbox_seed_and_churn_then_stops_t
 def test_change_stream_capture_demo_ships_the_catalog_from_the_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`CERTYO_CAPTURE=change_stream make run`: the same stack, captured by stream_products."""
+    """`CERTYO_CAPTURE=change_stream make run`: the same stack, captured by stream_products:
+    the seeded catalog by its snapshot, then each change from the stream."""
     environ = {**_base_env(), "CERTYO_CAPTURE": "change_stream"}
-    stack = _demo_stack(tmp_path / "run", environ=environ, seed_count=60, churn_interval=0.5)
+    stack = _demo_stack(tmp_path / "run", environ=environ, seed_count=60, churn=False)
     try:
         assert "Capture         change_stream" in describe(stack)
         for name, value in stack.env.items():
@@ -160,16 +161,21 @@ def test_change_stream_capture_demo_ships_the_catalog_from_the_stream(
         defs = build_definitions(PipelineSettings.from_env(stack.env))
         assert not [j for j in defs.resolve_all_job_defs() if j.name.startswith("ingest_")]
         job = defs.resolve_job_def("stream_products")
-        result = job.execute_in_process(
-            instance=dg.DagsterInstance.ephemeral(),
-            run_config={"ops": {"stream_products_changes": {"config": {"max_seconds": 15}}}},
-        )
-        assert result.success
-        stats = requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).json()
-        assert stats["records_stored"] >= 60  # the snapshot, then the churn's changes
+        instance = dg.DagsterInstance.ephemeral()
+
+        def stored() -> int:
+            stats = requests.get(f"{stack.sandbox_url}/_sandbox/stats", timeout=5).json()
+            return stats["records_stored"]
+
+        assert job.execute_in_process(instance=instance).success
+        assert stored() == 60  # the snapshot: one upsert per seeded product
         close_all_clients()
         products = open_client(stack.env["MONGO_URI"])["productdb"]["products"]
-        assert products.count_documents({"certyo_status": "pending"}) >= 60
+        assert products.count_documents({"certyo_status": "pending"}) == 60
+        products.insert_one({"_id": "demo-new", "sku": "NEW-1", "updatedAt": NOW})
+        assert job.execute_in_process(instance=instance).success
+        assert stored() == 61  # the insert, from the stream
+        assert products.find_one({"_id": "demo-new"})["certyo_status"] == "pending"
     finally:
         stack.stop()
         close_all_clients()
