@@ -142,7 +142,7 @@ def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
     # when the second one has started and joined, even on a busy machine where starting an
     # interpreter takes seconds. (Slower batches would not do: a rebalance waits for the
     # batches in flight.)
-    _history(ledger, documents=600)
+    _history(ledger, documents=300)
     ledger.send()
     first = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
     # The second member joins while the first is mid-way: the group rebalances.
