@@ -161,7 +161,11 @@ def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
     assert all(r["messages"] > 0 for r in results), results
     assert results[0]["partition_assignments"] >= 2, results
     print("overlapping runs:", [(r["messages"], r["replayed"]) for r in results])
-    final = _counts(p.run())
+    # The next run starts from the committed offsets and reads whatever is left. It runs in
+    # a group that starts from those offsets: when both members leave while the group is
+    # still rebalancing, Tansu 0.6.0 never assigns a partition in it again (see
+    # tests/fixtures/kafka.py).
+    final = _counts(p.in_group(f"{p.group()}-next").run())
     assert final["caught_up"] is True
     counts = ledger.check()
     counts.assert_clean("debezium: two overlapping runs")
