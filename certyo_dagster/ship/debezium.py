@@ -15,6 +15,12 @@ and 2), but steps 4 and 5 run strictly batch after batch in Kafka order: a batch
 back and committed only once it and every batch before it were acknowledged, so a committed
 offset never passes a message Certyo has not answered for.
 
+While the group join is still under way (seconds on any broker), the run reads ahead: a
+reader outside the group reads each partition from its committed offset, and those batches
+are parsed and shipped (steps 1 and 3) but not yet written back or committed. On assignment,
+a partition whose committed offset has not moved keeps them and is read on after them; any
+other partition's batches are dropped from the run (see `_ReadAhead`).
+
 A failure anywhere before step 5 commits nothing: the next run (or the member that takes the
 partition over) reads the same messages again and Certyo answers with idempotent replays,
 because each record's idempotency key comes from the change's source position, not from the
@@ -27,7 +33,7 @@ import gc
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +42,7 @@ from typing import Any
 from pymongo import UpdateOne
 
 from certyo_dagster.capture.debezium import (
+    TOMBSTONE,
     Change,
     ChangeRecord,
     DebeziumPoisonError,
@@ -57,6 +64,8 @@ DEFAULT_MAX_SECONDS = 60
 DEFAULT_BATCH_SIZE = 500
 # A run with no partitions assigned (another member owns them all) gives up after this.
 DEFAULT_UNASSIGNED_SECONDS = 15.0
+# Messages read, parsed and shipped while the group join is still under way (0: none).
+DEFAULT_READ_AHEAD_MESSAGES = 30_000
 DEAD_LETTER_STAGE = "debezium"
 _MAX_RAW_CHARS = 10_000
 
@@ -89,9 +98,12 @@ class DebeziumReport:
     commits: int = 0
     failed_commits: int = 0
     rebalances: int = 0
+    read_ahead: int = 0  # messages read while the group formed and kept on assignment
+    read_ahead_dropped: int = 0  # read then, but their partition went elsewhere
     caught_up: bool = False
     elapsed_seconds: float = 0.0
     first_message_seconds: float | None = None  # from the start to the first message read
+    first_assignment_seconds: float | None = None  # from the start to the group's assignment
     committed: dict[int, int] = field(default_factory=dict)  # partition → next offset
     operations: dict[str, int] = field(default_factory=dict)
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
@@ -146,6 +158,9 @@ class _Batch:
     to_ship: list[_Item] = field(default_factory=list)
     records: list[ChangeRecord] = field(default_factory=list)
     future: Future | None = None
+    # Read ahead of the group join, for partitions this run was then not given: shipped
+    # (Certyo answers their owner with replays) but never written back or committed here.
+    dropped: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -156,6 +171,102 @@ class _Item:
     offset: int
     change: Change | None = None
     record: ChangeRecord | None = None
+    skipped: str | None = None  # Skip.reason
+
+
+class _ReadAhead:
+    """Reads the topic from the group's committed offsets while the group join is under way.
+
+    A new member waits seconds for its first assignment on any broker (Kafka delays the first
+    rebalance of an empty group by `group.initial.rebalance.delay.ms`, 3 s by default). In
+    that time a reader that never joins the group and never commits reads every partition
+    from the committed offsets, and the run parses and ships what it reads. That is safe
+    because Certyo's idempotency keys come from each change's source position: a message
+    shipped by a run that is then not given its partition is a replay for its owner. Nothing
+    is written back, dead-lettered or committed before the assignment.
+
+    On assignment, each assigned partition whose committed offset is still the one the reader
+    started from is kept, and the member starts reading it after what was read ahead; the
+    messages of every other partition are dropped from this run. A poison message ends the
+    read-ahead before it, so that dead letters are written only by the partition's owner.
+    """
+
+    def __init__(self, reader: Any, topic: str, limit: int) -> None:
+        self.reader = reader
+        self.topic = topic
+        self.limit = limit
+        self.start: dict[int, int] = {}  # partition → committed offset read from (-1: none)
+        self.next: dict[int, int] = {}  # partition → the offset after the last message taken
+        self.taken = 0
+        self.open = True
+        self.exhausted = False  # nothing more to read ahead: wait for the assignment
+        self._at_end: set[int] = set()
+
+    def begin(self, timeout: float = 10.0) -> None:
+        ck = confluent_kafka()
+        described = self.reader.list_topics(self.topic, timeout=timeout).topics.get(self.topic)
+        if described is None or described.error is not None or not described.partitions:
+            self.exhausted = True
+            return
+        partitions = [ck.TopicPartition(self.topic, p) for p in sorted(described.partitions)]
+        positions = []
+        for tp in self.reader.committed(partitions, timeout=timeout):
+            committed = tp.offset if tp.offset is not None and tp.offset >= 0 else -1
+            self.start[tp.partition] = committed
+            offset = committed if committed >= 0 else ck.OFFSET_BEGINNING
+            positions.append(ck.TopicPartition(self.topic, tp.partition, offset))
+        self.reader.assign(positions)
+
+    def read(self, wanted: int) -> list:
+        """Up to `wanted` messages (fewer at the limit or at the end of every partition)."""
+        wanted = min(wanted, self.limit - self.taken)
+        if wanted <= 0 or self.exhausted:
+            self.exhausted = True
+            return []
+        ck = confluent_kafka()
+        batch = []
+        for message in self.reader.consume(num_messages=wanted, timeout=0.05):
+            error = message.error()
+            if error is None:
+                batch.append(message)
+                self._at_end.discard(message.partition())
+            elif error.code() == ck.KafkaError._PARTITION_EOF:
+                self._at_end.add(message.partition())
+            else:  # the member reads these partitions itself after the assignment
+                self.exhausted = True
+                break
+        if self.start and self._at_end >= set(self.start):
+            self.exhausted = True
+        return batch
+
+    def took(self, items: list[_Item]) -> None:
+        for item in items:
+            self.next[item.partition] = item.offset + 1
+        self.taken += len(items)
+
+    def settle(self, consumer: Any, partitions: list) -> set[int]:
+        """On the first assignment: set where the member starts reading each partition it
+        keeps; return the partitions whose messages read ahead are dropped."""
+        ck = confluent_kafka()
+        keep: set[int] = set()
+        candidates = [ck.TopicPartition(self.topic, tp.partition) for tp in partitions]
+        candidates = [tp for tp in candidates if tp.partition in self.next]
+        if candidates:
+            for tp in consumer.committed(candidates, timeout=10):
+                committed = tp.offset if tp.offset is not None and tp.offset >= 0 else -1
+                if committed == self.start.get(tp.partition):
+                    keep.add(tp.partition)
+        for tp in partitions:
+            if tp.partition in keep:
+                tp.offset = self.next[tp.partition]
+        self.close()
+        return set(self.next) - keep
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.exhausted = True
+            self.reader.close()
 
 
 class DebeziumIngestor:
@@ -176,6 +287,7 @@ class DebeziumIngestor:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         unassigned_seconds: float = DEFAULT_UNASSIGNED_SECONDS,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        read_ahead_messages: int = DEFAULT_READ_AHEAD_MESSAGES,
         log: Callable[[str], None] | None = None,
         consumer_overrides: dict[str, Any] | None = None,
     ) -> None:
@@ -197,6 +309,7 @@ class DebeziumIngestor:
         self.max_payload_bytes = max_payload_bytes
         self.unassigned_seconds = unassigned_seconds
         self.max_in_flight = max_in_flight
+        self.read_ahead_messages = max(0, read_ahead_messages)
         self.log = log or (lambda _msg: None)
         self.consumer_overrides = consumer_overrides or {}
         self.topic = kafka.topic_for(spec)
@@ -209,6 +322,10 @@ class DebeziumIngestor:
     # -- the consume loop ------------------------------------------------------------------
 
     def run(self) -> DebeziumReport:
+        with _no_cyclic_gc():
+            return self._run()
+
+    def _run(self) -> DebeziumReport:
         ck = confluent_kafka()
         report = DebeziumReport(topic=self.topic, group_id=self.kafka.group_for(self.spec))
         began = time.monotonic()
@@ -220,9 +337,16 @@ class DebeziumIngestor:
             is not None
         )
         consumer = self.kafka.new_consumer(self.spec, **self.consumer_overrides)
+        ahead: _ReadAhead | None = None
 
-        def on_assign(_consumer: Any, partitions: list) -> None:
+        def on_assign(consumer_: Any, partitions: list) -> None:
             report.rebalances += 1
+            if report.first_assignment_seconds is None:
+                report.first_assignment_seconds = time.monotonic() - began
+            if ahead is not None and ahead.open:
+                self._keep_read_ahead(ahead.settle(consumer_, partitions), report)
+                report.read_ahead = ahead.taken - report.read_ahead_dropped
+                consumer_.assign(partitions)  # from after what was read ahead
             self._assigned = {p.partition for p in partitions}
             self._at_end -= {p.partition for p in partitions}
 
@@ -237,9 +361,23 @@ class DebeziumIngestor:
         try:
             consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
             unassigned_since = time.monotonic()
-            while report.messages < self.max_messages and time.monotonic() < deadline:
-                wanted = min(self.batch_size, self.max_messages - report.messages)
-                messages = consumer.consume(num_messages=wanted, timeout=0.5)
+            if self.read_ahead_messages:
+                limit = min(self.read_ahead_messages, self.max_messages)
+                reader = self.kafka.new_consumer(self.spec, **self.consumer_overrides)
+                ahead = _ReadAhead(reader, self.topic, limit)
+                ahead.begin()
+            while time.monotonic() < deadline and (
+                report.messages < self.max_messages or (ahead is not None and ahead.open)
+            ):
+                wanted = max(1, min(self.batch_size, self.max_messages - report.messages))
+                speculative = False
+                if ahead is not None and not ahead.exhausted:
+                    # Serve the group join (on_assign runs in here), then read ahead.
+                    messages = consumer.consume(num_messages=wanted, timeout=0)
+                    if not messages and ahead.open:
+                        messages, speculative = ahead.read(wanted), True
+                else:
+                    messages = consumer.consume(num_messages=wanted, timeout=0.5)
                 batch = []
                 for message in messages:
                     error = message.error()
@@ -250,22 +388,28 @@ class DebeziumIngestor:
                         self._at_end.add(message.partition())
                     elif error.fatal() or not error.retriable():
                         raise ck.KafkaException(error)
+                # Read while waiting at the limit for the assignment: not handled, not
+                # committed, so the next run reads it.
+                del batch[max(0, self.max_messages - report.messages) :]
                 if batch:
                     if report.first_message_seconds is None:
                         report.first_message_seconds = time.monotonic() - began
                     # Parse and encode this batch while earlier ones are being shipped; make
                     # room in the window (finishing the oldest, in order) before shipping it.
-                    with _no_cyclic_gc():
-                        prepared = self._prepare(batch, report)
-                    self._finish_window(consumer, report, keep=self.max_in_flight - 1)
+                    prepared = self._prepare(batch, report, ahead if speculative else None)
+                    if ahead is not None and ahead.open:
+                        self._wait_in_flight(self.max_in_flight - 1, ahead)
+                    else:
+                        self._finish_window(consumer, report, keep=self.max_in_flight - 1)
                     if prepared.records:
                         report.sent += len(prepared.records)
                         prepared.future = pool.submit(
                             ship_in_order, self.client, self.tenant_id, prepared.records
                         )
                     self._window.append(prepared)
-                # Batches Certyo has already answered are finished without waiting.
-                self._finish_window(consumer, report, keep=self.max_in_flight, done_only=True)
+                if ahead is None or not ahead.open:
+                    # Batches Certyo has already answered are finished without waiting.
+                    self._finish_window(consumer, report, keep=self.max_in_flight, done_only=True)
                 if self._assigned:
                     unassigned_since = time.monotonic()
                     if not batch and self._assigned <= self._at_end:
@@ -279,6 +423,11 @@ class DebeziumIngestor:
                         "owns them all)"
                     )
                     break
+            if ahead is not None and ahead.open:
+                # Never given a partition: nothing read ahead is this run's to commit.
+                ahead.close()
+                self._keep_read_ahead(set(ahead.next), report)
+                self._window.clear()
             self._finish_window(consumer, report, keep=0)
         except DebeziumIngestError:
             raise
@@ -289,6 +438,8 @@ class DebeziumIngestor:
             # After a failure the batches in flight are not committed: they are read again.
             self._window.clear()
             pool.shutdown(wait=True)
+            if ahead is not None:
+                ahead.close()
             # Leaving the group at once hands the partitions over without a session timeout.
             try:
                 consumer.close()
@@ -296,6 +447,45 @@ class DebeziumIngestor:
                 self.log(f"closing the Kafka consumer failed: {self.kafka.redact(str(exc))}")
         report.elapsed_seconds = time.monotonic() - began
         return report
+
+    def _wait_in_flight(self, keep: int, ahead: _ReadAhead) -> None:
+        """Wait until at most `keep` batches are being shipped (before the assignment, when
+        no batch may be finished yet). Once a batch has failed, nothing more is read ahead:
+        the batches before it are finished after the assignment, and the run stops there."""
+        while True:
+            shipping = [b.future for b in self._window if b.future is not None]
+            if any(f.done() and f.exception() is not None for f in shipping):
+                ahead.exhausted = True
+                return
+            waiting = [f for f in shipping if not f.done()]
+            if len(waiting) <= keep:
+                return
+            wait(waiting, return_when=FIRST_COMPLETED)
+
+    def _keep_read_ahead(self, dropped: set[int], report: DebeziumReport) -> None:
+        """Take the messages of `dropped` partitions out of the batches read ahead: they are
+        neither written back nor committed by this run, nor counted as its messages."""
+        if not dropped:
+            return
+        for batch in self._window:
+            batch.dropped = dropped
+            for item in batch.items:
+                if item.partition not in dropped:
+                    continue
+                report.messages -= 1
+                report.read_ahead_dropped += 1
+                if item.change is not None:
+                    report.changes -= 1
+                    report.operations[item.change.op] -= 1
+                    if item.record is not None:
+                        report.sent -= 1
+                    if item.change.op == "u" and not item.change.has_document:
+                        report.after_null_updates -= 1
+                elif item.skipped == TOMBSTONE:
+                    report.tombstones -= 1
+                elif item.skipped is not None:
+                    report.own_write_backs -= 1
+        report.operations = {op: n for op, n in report.operations.items() if n}
 
     def _describe(self, exc: BaseException, report: DebeziumReport) -> str:
         committed = ", ".join(f"partition {p} → {o}" for p, o in sorted(report.committed.items()))
@@ -308,21 +498,44 @@ class DebeziumIngestor:
 
     # -- one batch ---------------------------------------------------------------------------
 
-    def _prepare(self, messages: list, report: DebeziumReport) -> _Batch:
-        """Parse and encode a batch; poison messages become dead letters here."""
+    def _prepare(
+        self, messages: list, report: DebeziumReport, ahead: _ReadAhead | None = None
+    ) -> _Batch:
+        """Parse and encode a batch; poison messages become dead letters here (read ahead,
+        the batch ends before the first one instead, and so does the read-ahead)."""
         report.batches += 1
-        report.messages += len(messages)
         batch = _Batch(messages)
         for message in messages:
             item = _Item(message.partition(), message.offset())
-            batch.items.append(item)
             try:
                 parsed = parse_message(message.key(), message.value(), self.spec)
+                doc_id = None if isinstance(parsed, Skip) else parsed.doc_id
+                record = (
+                    None
+                    if isinstance(parsed, Skip)
+                    else encode_change(
+                        parsed, self.spec, self.tenant_id, max_payload_bytes=self.max_payload_bytes
+                    )
+                )
             except DebeziumPoisonError as exc:
-                self._dead_letter(message, exc.reason, str(exc), exc.doc_id, None, report)
+                poison: Exception | None = exc
+                doc_id = exc.doc_id
+            except PoisonDocumentError as exc:
+                poison = exc
+            else:
+                poison = None
+            if poison is not None:
+                if ahead is not None:
+                    ahead.exhausted = True
+                    break
+                batch.items.append(item)
+                reason = getattr(poison, "reason", "poison")
+                self._dead_letter(message, reason, str(poison), doc_id, None, report)
                 continue
+            batch.items.append(item)
             if isinstance(parsed, Skip):
-                if parsed.reason == "tombstone":
+                item.skipped = parsed.reason
+                if parsed.reason == TOMBSTONE:
                     report.tombstones += 1
                 else:
                     report.own_write_backs += 1
@@ -331,15 +544,12 @@ class DebeziumIngestor:
             report.operations[parsed.op] = report.operations.get(parsed.op, 0) + 1
             if parsed.op == "u" and not parsed.has_document:
                 report.after_null_updates += 1
-            try:
-                record = encode_change(
-                    parsed, self.spec, self.tenant_id, max_payload_bytes=self.max_payload_bytes
-                )
-            except PoisonDocumentError as exc:
-                self._dead_letter(message, exc.reason, str(exc), parsed.doc_id, None, report)
-                continue
             item.change, item.record = parsed, record
             batch.to_ship.append(item)
+        report.messages += len(batch.items)
+        del batch.messages[len(batch.items) :]
+        if ahead is not None:
+            ahead.took(batch.items)
         batch.records = [i.record for i in batch.to_ship]
         return batch
 
@@ -359,17 +569,26 @@ class DebeziumIngestor:
         """Wait for Certyo's answer, write back, then commit the batch's offsets."""
         if batch.future is not None:
             shipped = batch.future.result()
-            self._complete(batch.to_ship, shipped, batch.messages, report)
-        self._commit(consumer, batch.items, report)
+            self._complete(batch.to_ship, shipped, batch.messages, report, batch.dropped)
+        items = [i for i in batch.items if i.partition not in batch.dropped]
+        if items:
+            self._commit(consumer, items, report)
 
     def _complete(
-        self, items: list[_Item], shipped: Shipped, messages: list, report: DebeziumReport
+        self,
+        items: list[_Item],
+        shipped: Shipped,
+        messages: list,
+        report: DebeziumReport,
+        dropped: frozenset[int] | set[int] = frozenset(),
     ) -> None:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
         by_offset = {(m.partition(), m.offset()): m for m in messages}
         updates: list[UpdateOne] = []
         accepted_ids: list[Any] = []
         for i, item in enumerate(items):
+            if item.partition in dropped:
+                continue
             receipt = shipped.results[i]
             assert item.change is not None and item.record is not None
             if receipt is None:
@@ -479,12 +698,13 @@ class DebeziumIngestor:
 
 @contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
-    """No cyclic garbage collection while a batch is parsed.
+    """No cyclic garbage collection during a run (at most `max_seconds`).
 
     Parsing builds only trees (dicts, lists, strings), which reference counting frees, yet
     their allocations trigger collections that scan the process's whole heap; in a Dagster
-    process with a large heap that cost ~20 us per catalog document. Collection resumes
-    after the batch (and is left alone if something else had turned it off).
+    process with a large heap that cost ~20 us per catalog document, and the batches held
+    while the group forms made every full collection longer. Collection resumes after the
+    run (and is left alone if something else had turned it off).
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -171,6 +171,8 @@ def _counts(report: DebeziumReport) -> dict:
         ),
         "failed_commits": report.failed_commits,
         "partition_assignments": report.rebalances,
+        "read_ahead": report.read_ahead,
+        "read_ahead_dropped": report.read_ahead_dropped,
         "caught_up": report.caught_up,
         "messages_per_second": round(report.messages_per_second, 1),
         "elapsed_seconds": round(report.elapsed_seconds, 3),

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 from bson import ObjectId
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fixtures.kafka import (
     DebeziumLedger,
     captured_for,
@@ -33,7 +33,7 @@ from fixtures.sandbox import TENANT_A, TEST_KEY_A
 from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
 from certyo_dagster.ship.debezium import DebeziumIngestError, DebeziumIngestor
 from certyo_dagster.ship.errors import CertyoError
-from certyo_dagster.source.kafka import probe_lag
+from certyo_dagster.source.kafka import KafkaResource, probe_lag
 
 HARNESS = Path(__file__).with_name("debezium_harness.py")
 BULK = "/api/v1/records/bulk"
@@ -145,10 +145,14 @@ def test_two_overlapping_runs_rebalance_with_no_loss_and_no_duplicates(
     _history(ledger, documents=300)
     ledger.send()
     first = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
-    # The second member joins while the first is mid-way: the group rebalances.
+    # The second member joins while the first is mid-way (it has committed a batch, so it
+    # owns the partitions): the group rebalances.
     deadline = time.monotonic() + 60
-    while sandbox.stats()["records_stored"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while (
+        time.monotonic() < deadline
+        and max(committed_offsets(p.broker.bootstrap, p.group(), p.topic()).values()) < 0
+    ):
+        time.sleep(0.2)
     second = _harness(p, "none", batch_size=5, slow_ms=400, max_seconds=60)
     results = []
     for process in (first, second):
@@ -394,3 +398,74 @@ def test_batches_in_flight_commit_in_kafka_order_and_stop_at_the_first_failed_ba
     assert again["accepted"] == total - stored and again["replayed"] == stored - failed_at
     assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: total}
     ledger.check().assert_clean("debezium: batches answered out of order")
+
+
+def _ingestor(p, kafka: KafkaResource | None = None, **options) -> DebeziumIngestor:
+    return DebeziumIngestor(
+        database=p.db,
+        spec=p.spec(),
+        kafka=kafka or p.kafka,
+        client=p.resources["certyo"].get_client(),
+        tenant_id=TENANT_A,
+        run_id="read-ahead",
+        max_seconds=30,
+        **options,
+    )
+
+
+def test_a_run_reads_and_ships_while_the_group_forms_and_keeps_it_on_assignment(
+    debezium_pipeline,
+):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger, documents=40)
+    ledger.send()
+    end = len(ledger.events) + 4  # the 4 deletes each add a tombstone
+    report = _ingestor(p, batch_size=10).run()
+    # The first batch was read before the group had assigned anything (the join takes
+    # seconds), and Certyo held records before the first commit.
+    assert report.caught_up and report.read_ahead > 0, report
+    assert report.first_message_seconds < 1.0, report
+    assert report.messages == end and report.read_ahead_dropped == 0, report
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: end}
+    ledger.check().assert_clean("debezium: read ahead of the group join")
+    # Without it, a new group's member reads nothing until the join is over.
+    fresh = KafkaResource(bootstrap_servers=p.broker.bootstrap, group_id=f"{p.group()}-2")
+    waited = _ingestor(p, kafka=fresh, batch_size=10, read_ahead_messages=0).run()
+    assert waited.caught_up and waited.read_ahead == 0 and waited.messages == end, waited
+    assert waited.first_message_seconds > report.first_message_seconds + 0.5, waited
+    assert waited.replayed == report.accepted, waited
+
+
+def test_read_ahead_of_a_partition_whose_offset_moved_during_the_join_is_dropped(
+    debezium_pipeline, monkeypatch
+):
+    from certyo_dagster.ship import debezium as ship
+
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger, documents=20)
+    ledger.send()
+    end = len(ledger.events) + 4
+    moved_to = 7
+    committer = Consumer({"bootstrap.servers": p.broker.bootstrap, "group.id": p.group()})
+    try:
+        committer.commit(offsets=[TopicPartition(p.topic(), 0, moved_to)], asynchronous=False)
+    finally:
+        committer.close()
+    begin = ship._ReadAhead.begin
+
+    def begin_then_someone_commits(self, timeout: float = 10.0) -> None:
+        # As if the run had read the committed offsets (none yet) just before another
+        # member committed offset 7: what it reads ahead from the beginning is not its own.
+        begin(self, timeout)
+        self.start = {0: -1}
+        self.reader.assign([TopicPartition(p.topic(), 0, OFFSET_BEGINNING)])
+
+    monkeypatch.setattr(ship._ReadAhead, "begin", begin_then_someone_commits)
+    report = _ingestor(p, batch_size=5).run()
+    assert report.caught_up and report.read_ahead == 0, report
+    assert report.read_ahead_dropped > 0, report
+    # The member read from the moved offset on; only those messages were its own.
+    assert report.messages == end - moved_to, report
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: end}
