@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -161,6 +161,42 @@ class _Batch:
     # Read ahead of the group join, for partitions this run was then not given: shipped
     # (Certyo answers their owner with replays) but never written back or committed here.
     dropped: set[int] = field(default_factory=set)
+    slim: bool = False  # see _slim
+
+
+# What write-back and the counts read of a receipt.
+_RECEIPT_FIELDS = ("recordHash", "idempotencyReplayed")
+
+
+def _slim(batch: _Batch) -> None:
+    """Of a batch shipped while the group forms, keep only what its write-back and commit
+    need: read-ahead holds up to `read_ahead_messages` of them, and whole messages, documents
+    and receipts would take ~12 KB each."""
+    shipped = batch.future.result() if batch.future is not None else None
+    if shipped is not None:
+        rejected = set()
+        for i, receipt in enumerate(shipped.results):
+            if receipt is None:
+                item = batch.to_ship[i]
+                rejected.add((item.partition, item.offset))
+            else:
+                shipped.results[i] = {k: receipt[k] for k in _RECEIPT_FIELDS if k in receipt}
+        # A record Certyo refused becomes a dead letter with its message.
+        batch.messages = [m for m in batch.messages if (m.partition(), m.offset()) in rejected]
+    for item in batch.to_ship:
+        if item.change is not None:
+            item.change = replace(
+                item.change,
+                after=None if item.change.after is None else "",
+                update_description=None,
+                content="",
+                fast=None,
+                parsed_document=None,
+            )
+        if item.record is not None:
+            item.record = item.record._replace(json=b"")
+    batch.records = []
+    batch.slim = True
 
 
 @dataclass
@@ -457,6 +493,11 @@ class DebeziumIngestor:
             if any(f.done() and f.exception() is not None for f in shipping):
                 ahead.exhausted = True
                 return
+            for batch in self._window:
+                future = batch.future
+                done = future is not None and future.done() and future.exception() is None
+                if done and not batch.slim:
+                    _slim(batch)
             waiting = [f for f in shipping if not f.done()]
             if len(waiting) <= keep:
                 return

@@ -469,3 +469,25 @@ def test_read_ahead_of_a_partition_whose_offset_moved_during_the_join_is_dropped
     # The member read from the moved offset on; only those messages were its own.
     assert report.messages == end - moved_to, report
     assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: end}
+
+
+def test_a_record_certyo_refuses_while_the_group_forms_becomes_a_dead_letter_with_its_message(
+    debezium_pipeline,
+):
+    p = debezium_pipeline
+    ledger = p.ledger()
+    for n in range(6):
+        ledger.write(product(f"doc-{n}", 0, ts=hour(1, second=n)))
+    _first_key, first_value = ledger.pending[0]
+    ledger.send()
+    p.sandbox.script_faults([{"status": 422, "times": 1, "path": RECORDS}])
+    # One record per batch: each goes to the single-record endpoint, and the first is refused
+    # while the run still waits for the group (so its batch was kept in its slim form).
+    report = _ingestor(p, batch_size=1).run()
+    assert report.caught_up and report.read_ahead == 6, report
+    assert report.dead_lettered == 1 and report.accepted == 5, report
+    [letter] = p.db[DEAD_LETTERS_COLLECTION].find({"reason": "certyo_validation"})
+    assert (letter["topic"], letter["partition"], letter["offset"]) == (p.topic(), 0, 0)
+    assert json.loads(letter["value"]) == json.loads(first_value)
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: 6}
+    assert p.db["products"].count_documents({"certyo_status": "pending"}) == 5
