@@ -468,9 +468,11 @@ def _sanitized_top(obj: dict, budget: int) -> dict:
 
 
 def _sanitized_object(obj: dict, budget: int) -> dict:
+    """`obj` sanitized in place and returned: orjson's tree belongs to this parse, and most
+    members are already in their sanitized form, so only wrappers and large ints are
+    replaced."""
     if budget < 0:
         raise _NotFast
-    out = {}
     for key, value in obj.items():
         if not key.isascii():
             _check_text(key)
@@ -478,46 +480,40 @@ def _sanitized_object(obj: dict, budget: int) -> dict:
         if cls is str:
             if not value.isascii():
                 _check_text(value)
-            out[key] = value
         elif cls is dict:
-            out[key] = _sanitized_dict(value, budget)
+            obj[key] = _sanitized_dict(value, budget)
         elif cls is int:
-            out[key] = value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else str(value)
+            if not -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+                obj[key] = str(value)
         elif cls is float:
             if not -_INT64_FLOAT < value < _INT64_FLOAT:
                 raise _NotFast
-            out[key] = value
         elif cls is list:
-            out[key] = _sanitized_array(value, budget - 1)
-        else:  # True, False, None
-            out[key] = value
-    return out
+            _sanitized_array(value, budget - 1)
+        # True, False and None stay as they are.
+    return obj
 
 
 def _sanitized_array(items: list, budget: int) -> list:
+    """`items` sanitized in place and returned, like `_sanitized_object`."""
     if budget < 0:
         raise _NotFast
-    out = []
-    append = out.append
-    for value in items:
+    for i, value in enumerate(items):
         cls = type(value)
         if cls is str:
             if not value.isascii():
                 _check_text(value)
-            append(value)
         elif cls is dict:
-            append(_sanitized_dict(value, budget))
+            items[i] = _sanitized_dict(value, budget)
         elif cls is int:
-            append(value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else str(value))
+            if not -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+                items[i] = str(value)
         elif cls is float:
             if not -_INT64_FLOAT < value < _INT64_FLOAT:
                 raise _NotFast
-            append(value)
         elif cls is list:
-            append(_sanitized_array(value, budget - 1))
-        else:
-            append(value)
-    return out
+            _sanitized_array(value, budget - 1)
+    return items
 
 
 def _sanitized_extended(obj: dict, budget: int) -> Any:
@@ -553,11 +549,12 @@ class FastAfter(NamedTuple):
 
 def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None:
     """`after` (orjson's tree) sanitized, when the fast path can: a document whose `_id` is
-    the key's. None sends the caller to the slow path, which also names any error."""
+    the key's. None sends the caller to the slow path (from the text), which also names any
+    error. The tree is sanitized in place: pass one that nothing else uses."""
     if type(tree) is not dict or not EXTENDED_JSON_KEYS.isdisjoint(tree) or "_id" not in tree:
         return None
     try:
-        payload_json = orjson.dumps(_sanitized_top(tree, DEFAULT_MAX_DEPTH))
+        # Read before the tree is sanitized in place.
         if _ejson_value(tree["_id"]) != doc_id:
             return None
         value: Any = tree
@@ -569,6 +566,7 @@ def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None
                 break
             value = value[part]
         timestamp = _ejson_value(value)
+        payload_json = orjson.dumps(_sanitized_top(tree, DEFAULT_MAX_DEPTH))
         return FastAfter(
             payload_json, timestamp_field, timestamp if isinstance(timestamp, datetime) else None
         )

@@ -329,8 +329,6 @@ def assert_fast_after_matches(text: str, timestamp_field: str = "updatedAt") -> 
     payload, timestamp = slow_after(text, timestamp_field)
     assert fast.payload_json == orjson.dumps(payload), text
     assert same(fast.timestamp, timestamp), text
-    # The tree is left as orjson read it (the slow path may still need it).
-    assert tree == orjson.loads(text)
     return True
 
 
