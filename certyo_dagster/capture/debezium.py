@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from bson import Binary, Decimal128, Int64, ObjectId, json_util
-from bson.binary import UuidRepresentation
+from bson.binary import UUID_SUBTYPE, UuidRepresentation
 from bson.errors import BSONError
 from bson.json_util import JSONOptions
 
@@ -39,13 +39,13 @@ from certyo_dagster.sanitize.documents import (
     DEFAULT_MAX_DEPTH,
     PoisonDocumentError,
     _check_text,
+    _uuid_text,
     iso_utc,
     sanitize_document,
     sanitize_value,
     version_ms,
 )
 from certyo_dagster.sanitize.documents import _base64 as _base64_text
-from certyo_dagster.sanitize.documents import _binary as _binary_text
 from certyo_dagster.sanitize.documents import _decimal128 as _decimal_text
 from certyo_dagster.sanitize.records import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -420,8 +420,8 @@ def _sanitized_binary(obj: dict) -> Any:
         subtype = int(subtype_text, 16)
         if subtype >= 0:
             payload = base64.b64decode(data.encode())
-            if subtype == 4 and len(payload) == 16:
-                return _binary_text(Binary(payload, 4))
+            if subtype == UUID_SUBTYPE and len(payload) == 16:
+                return _uuid_text(payload)
             return _base64_text(payload)
     return _NOT_HANDLED
 

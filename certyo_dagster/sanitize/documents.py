@@ -198,12 +198,16 @@ def _base64(data: bytes) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
+def _uuid_text(data: bytes) -> str:
+    """str(uuid.UUID(bytes=data)) without building the UUID object: several times faster."""
+    h = data.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _binary(value: Binary) -> str:
     # Subtype 3 (legacy UUID) stays base64: its byte order depends on which driver wrote it.
     if value.subtype == UUID_SUBTYPE and len(value) == 16:
-        # str(uuid.UUID(bytes=...)) without building the UUID object: several times faster.
-        h = value.hex()
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return _uuid_text(value)
     return _base64(value)
 
 

@@ -65,7 +65,7 @@ DEFAULT_BATCH_SIZE = 500
 # A run with no partitions assigned (another member owns them all) gives up after this.
 DEFAULT_UNASSIGNED_SECONDS = 15.0
 # Messages read, parsed and shipped while the group join is still under way (0: none).
-DEFAULT_READ_AHEAD_MESSAGES = 30_000
+DEFAULT_READ_AHEAD_MESSAGES = 50_000
 DEAD_LETTER_STAGE = "debezium"
 _MAX_RAW_CHARS = 10_000
 
