@@ -210,6 +210,23 @@ class _Item:
     skipped: str | None = None  # Skip.reason
 
 
+def _sort_out(messages: list, at_end: set[int]) -> tuple[list, list]:
+    """A consume() result as its messages, in order, and its errors; the end-of-partition
+    events update `at_end` (a partition is at its end until a message of it comes)."""
+    end_of_partition = confluent_kafka().KafkaError._PARTITION_EOF
+    batch, errors = [], []
+    for message in messages:
+        error = message.error()
+        if error is None:
+            batch.append(message)
+            at_end.discard(message.partition())
+        elif error.code() == end_of_partition:
+            at_end.add(message.partition())
+        else:
+            errors.append(error)
+    return batch, errors
+
+
 class _ReadAhead:
     """Reads the topic from the group's committed offsets while the group join is under way.
 
@@ -259,18 +276,10 @@ class _ReadAhead:
         if wanted <= 0 or self.exhausted:
             self.exhausted = True
             return []
-        ck = confluent_kafka()
-        batch = []
-        for message in self.reader.consume(num_messages=wanted, timeout=0.05):
-            error = message.error()
-            if error is None:
-                batch.append(message)
-                self._at_end.discard(message.partition())
-            elif error.code() == ck.KafkaError._PARTITION_EOF:
-                self._at_end.add(message.partition())
-            else:  # the member reads these partitions itself after the assignment
-                self.exhausted = True
-                break
+        messages = self.reader.consume(num_messages=wanted, timeout=0.05)
+        batch, errors = _sort_out(messages, self._at_end)
+        if errors:  # the member reads these partitions itself after the assignment
+            self.exhausted = True
         if self.start and self._at_end >= set(self.start):
             self.exhausted = True
         return batch
@@ -414,15 +423,9 @@ class DebeziumIngestor:
                         messages, speculative = ahead.read(wanted), True
                 else:
                     messages = consumer.consume(num_messages=wanted, timeout=0.5)
-                batch = []
-                for message in messages:
-                    error = message.error()
-                    if error is None:
-                        batch.append(message)
-                        self._at_end.discard(message.partition())
-                    elif error.code() == ck.KafkaError._PARTITION_EOF:
-                        self._at_end.add(message.partition())
-                    elif error.fatal() or not error.retriable():
+                batch, errors = _sort_out(messages, self._at_end)
+                for error in errors:
+                    if error.fatal() or not error.retriable():
                         raise ck.KafkaException(error)
                 # Read while waiting at the limit for the assignment: not handled, not
                 # committed, so the next run reads it.

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -357,6 +358,22 @@ class _OutOfOrderCertyo:
                 self._later_answered.release()
 
 
+def _ingestor(
+    p, kafka: KafkaResource | None = None, client: Any = None, **options
+) -> DebeziumIngestor:
+    """What debezium_products runs, with this test's options."""
+    return DebeziumIngestor(
+        database=p.db,
+        spec=p.spec(),
+        kafka=kafka or p.kafka,
+        client=client or p.resources["certyo"].get_client(),
+        tenant_id=TENANT_A,
+        run_id="ingestor",
+        max_seconds=30,
+        **options,
+    )
+
+
 def test_batches_in_flight_commit_in_kafka_order_and_stop_at_the_first_failed_batch(
     debezium_pipeline,
 ):
@@ -367,17 +384,7 @@ def test_batches_in_flight_commit_in_kafka_order_and_stop_at_the_first_failed_ba
         ledger.write(product(f"doc-{n:03d}", 0, ts=hour(1, second=n)))
     ledger.send()
     client = _OutOfOrderCertyo(p.resources["certyo"].get_client(), failing="doc-020")
-    ingestor = DebeziumIngestor(
-        database=p.db,
-        spec=p.spec(),
-        kafka=p.kafka,
-        client=client,
-        tenant_id=TENANT_A,
-        run_id="out-of-order",
-        batch_size=12,
-        max_in_flight=4,
-        max_seconds=30,
-    )
+    ingestor = _ingestor(p, client=client, batch_size=12, max_in_flight=4)
     with pytest.raises(DebeziumIngestError) as failed:
         ingestor.run()
     # Later batches were shipped, and acknowledged, while the first was still in flight.
@@ -398,19 +405,6 @@ def test_batches_in_flight_commit_in_kafka_order_and_stop_at_the_first_failed_ba
     assert again["accepted"] == total - stored and again["replayed"] == stored - failed_at
     assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: total}
     ledger.check().assert_clean("debezium: batches answered out of order")
-
-
-def _ingestor(p, kafka: KafkaResource | None = None, **options) -> DebeziumIngestor:
-    return DebeziumIngestor(
-        database=p.db,
-        spec=p.spec(),
-        kafka=kafka or p.kafka,
-        client=p.resources["certyo"].get_client(),
-        tenant_id=TENANT_A,
-        run_id="read-ahead",
-        max_seconds=30,
-        **options,
-    )
 
 
 def test_a_run_reads_and_ships_while_the_group_forms_and_keeps_it_on_assignment(
