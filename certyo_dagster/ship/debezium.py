@@ -296,11 +296,14 @@ class _ReadAhead:
         keep: set[int] = set()
         candidates = [ck.TopicPartition(self.topic, tp.partition) for tp in partitions]
         candidates = [tp for tp in candidates if tp.partition in self.next]
-        if candidates:
-            for tp in consumer.committed(candidates, timeout=10):
-                committed = tp.offset if tp.offset is not None and tp.offset >= 0 else -1
-                if committed == self.start.get(tp.partition):
-                    keep.add(tp.partition)
+        try:
+            current = consumer.committed(candidates, timeout=10) if candidates else []
+        except Exception:  # noqa: BLE001 - unknown whether they moved: keep none
+            current = []
+        for tp in current:
+            committed = tp.offset if tp.offset is not None and tp.offset >= 0 else -1
+            if committed == self.start.get(tp.partition):
+                keep.add(tp.partition)
         for tp in partitions:
             if tp.partition in keep:
                 tp.offset = self.next[tp.partition]
@@ -410,7 +413,15 @@ class DebeziumIngestor:
                 limit = min(self.read_ahead_messages, self.max_messages)
                 reader = self.kafka.new_consumer(self.spec, **self.consumer_overrides)
                 ahead = _ReadAhead(reader, self.topic, limit)
-                ahead.begin()
+                try:
+                    ahead.begin()
+                except Exception as exc:  # noqa: BLE001 - the run goes on without it
+                    ahead.close()
+                    ahead = None
+                    self.log(
+                        f"{self.spec.collection}: no read-ahead while the group forms "
+                        f"({self.kafka.redact(str(exc))}); waiting for the assignment"
+                    )
             while time.monotonic() < deadline and (
                 report.messages < self.max_messages or (ahead is not None and ahead.open)
             ):

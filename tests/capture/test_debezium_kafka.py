@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 from bson import ObjectId
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from fixtures.kafka import (
     DebeziumLedger,
     captured_for,
@@ -485,3 +485,27 @@ def test_a_record_certyo_refuses_while_the_group_forms_becomes_a_dead_letter_wit
     assert json.loads(letter["value"]) == json.loads(first_value)
     assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: 6}
     assert p.db["products"].count_documents({"certyo_status": "pending"}) == 5
+
+
+def test_a_run_whose_read_ahead_cannot_start_waits_for_the_group_and_ships_everything(
+    debezium_pipeline, monkeypatch
+):
+    from certyo_dagster.ship import debezium as ship
+
+    p = debezium_pipeline
+    ledger = p.ledger()
+    _history(ledger, documents=12)
+    ledger.send()
+    end = len(ledger.events) + 4
+
+    def broker_times_out(self, timeout: float = 10.0) -> None:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+    monkeypatch.setattr(ship._ReadAhead, "begin", broker_times_out)
+    logged: list[str] = []
+    report = _ingestor(p, batch_size=5, log=logged.append).run()
+    assert report.caught_up and report.read_ahead == 0 and report.messages == end, report
+    assert report.first_message_seconds > report.first_assignment_seconds, report
+    assert any("no read-ahead" in line for line in logged), logged
+    assert committed_offsets(p.broker.bootstrap, p.group(), p.topic()) == {0: end}
+    ledger.check().assert_clean("debezium: no read-ahead")
