@@ -392,7 +392,7 @@ class DebeziumIngestor:
             if report.first_assignment_seconds is None:
                 report.first_assignment_seconds = time.monotonic() - began
             if ahead is not None and ahead.open:
-                self._keep_read_ahead(ahead.settle(consumer_, partitions), report)
+                self._drop_read_ahead(ahead.settle(consumer_, partitions), report)
                 report.read_ahead = ahead.taken - report.read_ahead_dropped
                 consumer_.assign(partitions)  # from after what was read ahead
             self._assigned = {p.partition for p in partitions}
@@ -476,7 +476,7 @@ class DebeziumIngestor:
             if ahead is not None and ahead.open:
                 # Never given a partition: nothing read ahead is this run's to commit.
                 ahead.close()
-                self._keep_read_ahead(set(ahead.next), report)
+                self._drop_read_ahead(set(ahead.next), report)
                 self._window.clear()
             self._finish_window(consumer, report, keep=0)
         except DebeziumIngestError:
@@ -517,7 +517,7 @@ class DebeziumIngestor:
                 return
             wait(waiting, return_when=FIRST_COMPLETED)
 
-    def _keep_read_ahead(self, dropped: set[int], report: DebeziumReport) -> None:
+    def _drop_read_ahead(self, dropped: set[int], report: DebeziumReport) -> None:
         """Take the messages of `dropped` partitions out of the batches read ahead: they are
         neither written back nor committed by this run, nor counted as its messages."""
         if not dropped:

@@ -32,6 +32,7 @@ from fixtures.pipeline import hour
 from fixtures.sandbox import TENANT_A, TEST_KEY_A
 
 from certyo_dagster.fields import DEAD_LETTERS_COLLECTION
+from certyo_dagster.ship import debezium as ship
 from certyo_dagster.ship.debezium import DebeziumIngestError, DebeziumIngestor
 from certyo_dagster.ship.errors import CertyoError
 from certyo_dagster.source.kafka import KafkaResource, probe_lag
@@ -79,6 +80,15 @@ def _history(ledger: DebeziumLedger, documents: int = 40) -> None:
         ledger.write(product(doc_id, 2, ts=hour(3, second=n), note="replaced"))
     for doc_id in ids[-6:-2]:
         ledger.delete(doc_id)
+
+
+def _sent_history(p, documents: int) -> tuple[DebeziumLedger, int]:
+    """`_history` sent to the topic; with the topic's end offset (its 4 deletes each add a
+    tombstone)."""
+    ledger = p.ledger()
+    _history(ledger, documents=documents)
+    ledger.send()
+    return ledger, len(ledger.events) + 4
 
 
 def _harness(p, point: str, **options) -> subprocess.Popen:
@@ -411,10 +421,7 @@ def test_a_run_reads_and_ships_while_the_group_forms_and_keeps_it_on_assignment(
     debezium_pipeline,
 ):
     p = debezium_pipeline
-    ledger = p.ledger()
-    _history(ledger, documents=40)
-    ledger.send()
-    end = len(ledger.events) + 4  # the 4 deletes each add a tombstone
+    ledger, end = _sent_history(p, documents=40)
     report = _ingestor(p, batch_size=10).run()
     # The first batch was read before the group had assigned anything (the join takes
     # seconds), and Certyo held records before the first commit.
@@ -434,13 +441,8 @@ def test_a_run_reads_and_ships_while_the_group_forms_and_keeps_it_on_assignment(
 def test_read_ahead_of_a_partition_whose_offset_moved_during_the_join_is_dropped(
     debezium_pipeline, monkeypatch
 ):
-    from certyo_dagster.ship import debezium as ship
-
     p = debezium_pipeline
-    ledger = p.ledger()
-    _history(ledger, documents=20)
-    ledger.send()
-    end = len(ledger.events) + 4
+    ledger, end = _sent_history(p, documents=20)
     moved_to = 7
     committer = Consumer({"bootstrap.servers": p.broker.bootstrap, "group.id": p.group()})
     try:
@@ -490,13 +492,8 @@ def test_a_record_certyo_refuses_while_the_group_forms_becomes_a_dead_letter_wit
 def test_a_run_whose_read_ahead_cannot_start_waits_for_the_group_and_ships_everything(
     debezium_pipeline, monkeypatch
 ):
-    from certyo_dagster.ship import debezium as ship
-
     p = debezium_pipeline
-    ledger = p.ledger()
-    _history(ledger, documents=12)
-    ledger.send()
-    end = len(ledger.events) + 4
+    ledger, end = _sent_history(p, documents=12)
 
     def broker_times_out(self, timeout: float = 10.0) -> None:
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
