@@ -19,13 +19,13 @@ What Debezium 3.x's MongoDB connector sends (docs/debezium.md shows one of each)
 
 from __future__ import annotations
 
-import base64
+import binascii
 import copy
 import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
@@ -40,7 +40,7 @@ from certyo_dagster.sanitize.documents import (
     PoisonDocumentError,
     _check_text,
     _uuid_text,
-    iso_utc,
+    iso_from_ms,
     sanitize_document,
     sanitize_value,
     version_ms,
@@ -107,7 +107,9 @@ class SourcePosition:
         return f"{self.ts_ms}.{self.ord}"
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, a tenth of
+# the parse of a small event. Nothing changes a Change after parse_message.
+@dataclass(slots=True)
 class Change:
     """One Debezium change event of one document."""
 
@@ -118,9 +120,9 @@ class Change:
     after: str | None
     update_description: dict | None  # updatedFields (BSON types), removedFields, truncatedArrays
     position: SourcePosition
-    # The envelope's own text of what this event changed, the part of the idempotency key that
+    # The envelope's own JSON of what this event changed, the part of the idempotency key that
     # tells apart two events at one position (two operations of one transaction).
-    content: str
+    content: bytes
     # The document sanitized straight from `after` (the fast path), when it could be.
     fast: FastAfter | None = field(default=None, repr=False, compare=False)
     parsed_document: dict | None = field(default=None, repr=False, compare=False)
@@ -133,16 +135,12 @@ class Change:
     def document(self) -> dict | None:
         """`after` in BSON types (as pymongo returns documents); built on first use."""
         if self.parsed_document is None and self.after is not None:
-            object.__setattr__(self, "parsed_document", ejson_loads(self.after))
+            self.parsed_document = ejson_loads(self.after)
         return self.parsed_document
 
     @property
     def operation(self) -> str:
         return OPERATIONS[self.op]
-
-    @property
-    def source_time(self) -> datetime:
-        return datetime.fromtimestamp(self.position.ts_ms / 1000, tz=timezone.utc)
 
 
 class Skip(NamedTuple):
@@ -235,6 +233,7 @@ _DECIMAL128_BIAS = 6176
 # underscores, more digits, NaN, Infinity) goes through Decimal128(str), which rounds.
 _PLAIN_DECIMAL = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
 _MAX_PLAIN_DECIMAL_DIGITS = 34
+_PLAIN_DECIMAL_NONZERO = re.compile(r"-?[1-9][0-9]*(?:\.[0-9]+)?")
 
 
 def _decimal128(text: Any) -> Any:
@@ -290,7 +289,9 @@ def _legacy_binary(obj: dict) -> Any:
     if type(data) is not str or type(subtype_text) is not str or len(subtype_text) > 2:
         return _NOT_HANDLED
     subtype = int(subtype_text, 16)
-    payload = base64.b64decode(data.encode())
+    # What json_util's b64decode(data.encode()) does for ASCII text; other text raises
+    # ValueError here, and json_util itself then reads it.
+    payload = binascii.a2b_base64(data)
     if subtype == 0:
         return payload  # json_util gives plain bytes for subtype 0
     return Binary(payload, subtype)
@@ -350,6 +351,9 @@ def _ejson_array(items: list) -> None:
 def _plain_decimal_text(text: str) -> str | None:
     """The sanitized form of `{"$numberDecimal": text}` when text is a plain decimal that
     Decimal128 stores exactly and prints back unchanged, else None."""
+    if len(text) <= _MAX_PLAIN_DECIMAL_DIGITS and _PLAIN_DECIMAL_NONZERO.fullmatch(text):
+        # At most 34 digits, no leading zero, an adjusted exponent >= 0: printed as it is.
+        return text
     plain = _PLAIN_DECIMAL.fullmatch(text)
     if plain is None:
         return None
@@ -383,9 +387,7 @@ def _sanitized_decimal(value: Any) -> Any:
 
 
 def _sanitized_date(value: Any) -> Any:
-    if type(value) is not int:
-        return _NOT_HANDLED
-    return iso_utc(_EPOCH_NAIVE + timedelta(milliseconds=value))
+    return iso_from_ms(value) if type(value) is int else _NOT_HANDLED
 
 
 def _sanitized_long(value: Any) -> Any:
@@ -419,7 +421,7 @@ def _sanitized_binary(obj: dict) -> Any:
     if type(data) is str and type(subtype_text) is str and len(subtype_text) <= 2:
         subtype = int(subtype_text, 16)
         if subtype >= 0:
-            payload = base64.b64decode(data.encode())
+            payload = binascii.a2b_base64(data)
             if subtype == UUID_SUBTYPE and len(payload) == 16:
                 return _uuid_text(payload)
             return _base64_text(payload)
@@ -438,7 +440,7 @@ def _sanitized_wrapper(obj: dict) -> Any:
     return _NOT_HANDLED
 
 
-def _sanitized_dict(value: dict, budget: int) -> Any:
+def _sanitized_dict(value: dict, budget: int, check: bool) -> Any:
     """A dict member: a wrapper converted in place, else a document or a DBRef."""
     if len(value) == 1:
         for key, member in value.items():
@@ -448,12 +450,20 @@ def _sanitized_dict(value: dict, budget: int) -> Any:
                 if converted is not _NOT_HANDLED:
                     return converted
     if EXTENDED_JSON_KEYS.isdisjoint(value):
-        return _sanitized_object(value, budget - 1)
-    return _sanitized_extended(value, budget)
+        return _sanitized_object(value, budget - 1, check)
+    return _sanitized_extended(value, budget, check)
 
 
-def _sanitized_top(obj: dict, budget: int) -> dict:
-    """The document itself: its `certyo_*` fields are left out of the payload."""
+def _sanitized_top(obj: dict, budget: int, text: str | None = None) -> dict:
+    """The document itself: its `certyo_*` fields are left out of the payload.
+
+    `text`, the JSON the tree was parsed from, lets plain text skip the per-string checks:
+    with no `\\u` escape, an ASCII text holds only ASCII strings, and one without
+    `certyo_` has no such field.
+    """
+    plain = text is not None and "\\u" not in text and text.isascii()
+    if plain and CERTYO_FIELD_PREFIX not in text:
+        return _sanitized_object(obj, budget, False)
     shipped = {}
     for key, value in obj.items():
         if key.startswith(CERTYO_FIELD_PREFIX):
@@ -464,24 +474,24 @@ def _sanitized_top(obj: dict, budget: int) -> dict:
                 _ejson_value(value)
         else:
             shipped[key] = value
-    return _sanitized_object(shipped, budget)
+    return _sanitized_object(shipped, budget, not plain)
 
 
-def _sanitized_object(obj: dict, budget: int) -> dict:
+def _sanitized_object(obj: dict, budget: int, check: bool) -> dict:
     """`obj` sanitized in place and returned: orjson's tree belongs to this parse, and most
     members are already in their sanitized form, so only wrappers and large ints are
-    replaced."""
+    replaced. `check`: non-ASCII names and strings may be in it, and are checked."""
     if budget < 0:
         raise _NotFast
     for key, value in obj.items():
-        if not key.isascii():
+        if check and not key.isascii():
             _check_text(key)
         cls = type(value)
         if cls is str:
-            if not value.isascii():
+            if check and not value.isascii():
                 _check_text(value)
         elif cls is dict:
-            obj[key] = _sanitized_dict(value, budget)
+            obj[key] = _sanitized_dict(value, budget, check)
         elif cls is int:
             if not -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
                 obj[key] = str(value)
@@ -489,22 +499,22 @@ def _sanitized_object(obj: dict, budget: int) -> dict:
             if not -_INT64_FLOAT < value < _INT64_FLOAT:
                 raise _NotFast
         elif cls is list:
-            _sanitized_array(value, budget - 1)
+            _sanitized_array(value, budget - 1, check)
         # True, False and None stay as they are.
     return obj
 
 
-def _sanitized_array(items: list, budget: int) -> list:
+def _sanitized_array(items: list, budget: int, check: bool) -> list:
     """`items` sanitized in place and returned, like `_sanitized_object`."""
     if budget < 0:
         raise _NotFast
     for i, value in enumerate(items):
         cls = type(value)
         if cls is str:
-            if not value.isascii():
+            if check and not value.isascii():
                 _check_text(value)
         elif cls is dict:
-            items[i] = _sanitized_dict(value, budget)
+            items[i] = _sanitized_dict(value, budget, check)
         elif cls is int:
             if not -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
                 items[i] = str(value)
@@ -512,11 +522,11 @@ def _sanitized_array(items: list, budget: int) -> list:
             if not -_INT64_FLOAT < value < _INT64_FLOAT:
                 raise _NotFast
         elif cls is list:
-            _sanitized_array(value, budget - 1)
+            _sanitized_array(value, budget - 1, check)
     return items
 
 
-def _sanitized_extended(obj: dict, budget: int) -> Any:
+def _sanitized_extended(obj: dict, budget: int, check: bool) -> Any:
     """A member holding Extended JSON keys: a wrapper, or a DBRef of the usual shape."""
     converted = _sanitized_wrapper(obj)
     if converted is not _NOT_HANDLED:
@@ -528,7 +538,7 @@ def _sanitized_extended(obj: dict, budget: int) -> Any:
             doc = {"$ref": collection, "$id": obj["$id"]}
             if database is not None:
                 doc["$db"] = database
-            return _sanitized_object(doc, budget - 1)
+            return _sanitized_object(doc, budget - 1, check)
     raise _NotFast
 
 
@@ -547,10 +557,12 @@ class FastAfter(NamedTuple):
     timestamp: datetime | None  # the field's value when it is a date, as the document has it
 
 
-def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None:
-    """`after` (orjson's tree) sanitized, when the fast path can: a document whose `_id` is
-    the key's. None sends the caller to the slow path (from the text), which also names any
-    error. The tree is sanitized in place: pass one that nothing else uses."""
+def fast_after(
+    tree: Any, doc_id: Any, timestamp_field: str, text: str | None = None
+) -> FastAfter | None:
+    """`after` (orjson's tree of `text`) sanitized, when the fast path can: a document whose
+    `_id` is the key's. None sends the caller to the slow path (from the text), which also
+    names any error. The tree is sanitized in place: pass one that nothing else uses."""
     if type(tree) is not dict or not EXTENDED_JSON_KEYS.isdisjoint(tree) or "_id" not in tree:
         return None
     try:
@@ -566,7 +578,7 @@ def fast_after(tree: Any, doc_id: Any, timestamp_field: str) -> FastAfter | None
                 break
             value = value[part]
         timestamp = _ejson_value(value)
-        payload_json = orjson.dumps(_sanitized_top(tree, DEFAULT_MAX_DEPTH))
+        payload_json = orjson.dumps(_sanitized_top(tree, DEFAULT_MAX_DEPTH, text))
         return FastAfter(
             payload_json, timestamp_field, timestamp if isinstance(timestamp, datetime) else None
         )
@@ -613,6 +625,10 @@ def parse_key(key: bytes | str | None) -> Any:
     return _ejson(parsed["id"], "the key's id")
 
 
+# The source times a sourceTimestamp can be written for (iso_from_ms).
+_SOURCE_MS = range(version_ms(datetime.min), version_ms(datetime.max) + 1)
+
+
 def _position(source: Any, doc_id: Any) -> SourcePosition:
     if type(source) is not dict:
         raise DebeziumPoisonError(BAD_SOURCE, "the envelope has no source block", doc_id)
@@ -620,6 +636,10 @@ def _position(source: Any, doc_id: Any) -> SourcePosition:
     if type(ts_ms) is not int or type(order) is not int:
         raise DebeziumPoisonError(
             BAD_SOURCE, "source.ts_ms and source.ord must be integers", doc_id
+        )
+    if ts_ms not in _SOURCE_MS:
+        raise DebeziumPoisonError(
+            BAD_SOURCE, f"source.ts_ms {ts_ms} is not a time in the years 1-9999", doc_id
         )
     txn = source.get("txnNumber")
     lsid = source.get("lsid")
@@ -741,7 +761,7 @@ def _fast_after_text(text: Any, doc_id: Any, timestamp_field: str) -> FastAfter 
         tree = orjson.loads(text)
     except orjson.JSONDecodeError:
         return None
-    return fast_after(tree, doc_id, timestamp_field)
+    return fast_after(tree, doc_id, timestamp_field, text)
 
 
 def _record_id(doc_id: Any) -> str:
@@ -756,7 +776,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _content(op: str, envelope: Mapping, position: SourcePosition) -> str:
+def _content(op: str, envelope: Mapping, position: SourcePosition) -> bytes:
     """What the event itself says it changed, as Debezium wrote it (stable on re-delivery).
 
     An update's `after` is left out: it is a lookup, and a Debezium restart that sends the
@@ -769,7 +789,7 @@ def _content(op: str, envelope: Mapping, position: SourcePosition) -> str:
     else:
         changed = envelope.get("after")
     txn = [position.lsid, position.txn_number] if position.txn_number is not None else None
-    return orjson.dumps([op, txn, changed], option=orjson.OPT_SORT_KEYS).decode("utf-8")
+    return orjson.dumps([op, txn, changed], option=orjson.OPT_SORT_KEYS)
 
 
 # -- the record --------------------------------------------------------------------------------
@@ -784,7 +804,7 @@ def change_version(change: Change) -> str:
     they are `snapshot-<digest of the document>`: reading an unchanged document again is an
     idempotent replay.
     """
-    digest = hashlib.sha256(change.content.encode("utf-8")).hexdigest()[:_DIGEST_CHARS]
+    digest = hashlib.sha256(change.content).hexdigest()[:_DIGEST_CHARS]
     if change.op == "r":
         return f"{SNAPSHOT_VERSION_PREFIX}-{digest}"
     return f"{change.position.label()}-{digest}"
@@ -883,7 +903,7 @@ def encode_change(
         raise
     version = change_version(change)
     key = change_idempotency_key(spec, change.record_id, version)
-    source_timestamp = iso_utc(change.source_time)
+    source_timestamp = iso_from_ms(change.position.ts_ms)
     record = {
         "tenantId": tenant_id,
         "database": spec.database,

@@ -273,6 +273,14 @@ def _iso_from_ms(ms: int) -> str:
     )
 
 
+def iso_from_ms(ms: int) -> str:
+    """`iso_utc` of the BSON date `ms` milliseconds after the epoch, without a datetime for
+    the caller to build. Raises OverflowError outside the years 1-9999, as datetime does."""
+    moment = _EPOCH_NAIVE + timedelta(0, 0, 0, ms)
+    text = moment.isoformat()
+    return (text[:23] if moment.microsecond else text + ".000") + _UTC_SUFFIX
+
+
 def iso_utc(ts: datetime) -> str:
     """`2026-01-02T03:04:05.678+00:00`: UTC, explicit offset, milliseconds like BSON dates.
 

@@ -189,7 +189,7 @@ def _slim(batch: _Batch) -> None:
                 item.change,
                 after=None if item.change.after is None else "",
                 update_description=None,
-                content="",
+                content=b"",
                 fast=None,
                 parsed_document=None,
             )

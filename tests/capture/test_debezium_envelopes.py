@@ -18,6 +18,7 @@ from fixtures.kafka import captured
 from certyo_dagster.capture.debezium import (
     BAD_JSON,
     BAD_KEY,
+    BAD_SOURCE,
     KEY_MISMATCH,
     NOT_AN_ENVELOPE,
     OWN_WRITE_BACK,
@@ -251,6 +252,9 @@ def test_poison_messages_are_named():
     _poison(message["key"], json.dumps(other), WRONG_COLLECTION)
     broken_after = {**value, "after": '{"_id": {"$oid": "zz"}}'}
     _poison(message["key"], json.dumps(broken_after), BAD_JSON)
+    # A source time no date can hold (year 10000 and later) would fail every run that read it.
+    far = {**value, "source": {**value["source"], "ts_ms": 253402300800000}}
+    assert "ts_ms" in str(_poison(message["key"], json.dumps(far), BAD_SOURCE))
 
 
 @pytest.mark.parametrize("mode", ["schemas_off", "schemas_on"])

@@ -323,12 +323,15 @@ def assert_fast_after_matches(text: str, timestamp_field: str = "updatedAt") -> 
         doc_id = reference(text)["_id"]
     except Exception:  # noqa: BLE001 - no document, or none with an _id: nothing to match
         doc_id = None
+    # Given the text, the fast path skips the checks plain text cannot fail: same result.
     fast = fast_after(tree, doc_id, timestamp_field)
+    given_text = fast_after(orjson.loads(text), doc_id, timestamp_field, text)
+    assert (fast is None) == (given_text is None), text
     if fast is None:
         return False
     payload, timestamp = slow_after(text, timestamp_field)
-    assert fast.payload_json == orjson.dumps(payload), text
-    assert same(fast.timestamp, timestamp), text
+    assert fast.payload_json == given_text.payload_json == orjson.dumps(payload), text
+    assert same(fast.timestamp, timestamp) and same(given_text.timestamp, timestamp), text
     return True
 
 
@@ -363,6 +366,8 @@ def test_catalog_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(m
         '{"_id": 1, "d": {"$numberDecimal": "007.50"}, "e": {"$numberDecimal": "-0.00"}}',
         '{"_id": 1, "d": {"$numberDecimal": "1E+3"}, "e": {"$numberDecimal": "100"}}',
         '{"_id": 1, "d": {"$numberDecimal": "12345678901234567890123456789012345"}}',
+        '{"_id": 1, "d": {"$numberDecimal": "1234567890123456789012345678901234"}, '
+        '"e": {"$numberDecimal": "-12345678901234567890123456789.1234"}}',
         '{"_id": 1, "u": {"$binary": "EjRWeBI0VngSNFZ4EjRWeA==", "$type": "04"}}',
         '{"_id": 1, "u": {"$binary": "EjRWeBI0Vng=", "$type": "04"}}',
         '{"_id": 1, "u": {"$binary": "EjRWeBI0VngSNFZ4EjRWeA==", "$type": "03"}}',
@@ -384,6 +389,10 @@ def test_catalog_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(m
         '{"_id": {"$oid": "65a4f0c2e4b0a1b2c3d4e5f6"}, "x": "\\ud800"}',
         '{"_id": 1, "\\ufdd0": 1}',
         '{"_id": 1, "caf\\u00e9": "cr\\u00e8me"}',
+        '{"_id": 1, "caf\u00e9": "cr\u00e8me", "n": "\ufdd0"}',
+        '{"_id": 1, "\ufdd0": 1}',
+        '{"_id": 1, "x": "\\\\u0041", "note": "certyo_status is ours"}',
+        '{"_id": 1, "certyo_status": "pending", "certyo_\\u00e9": 1, "n": 2}',
         '{"_id": 1, "x": 1e300, "y": -1e19}',
         '{"_id": 1, "deep": ' + "[" * 100 + "]" * 100 + "}",
         '{"_id": 1, "deep": ' + "[" * 101 + "]" * 101 + "}",
@@ -402,6 +411,7 @@ def test_edge_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(text
         except orjson.JSONDecodeError:
             return  # the fast path never starts
         assert fast_after(tree, 1, "updatedAt") is None
+        assert fast_after(orjson.loads(text), 1, "updatedAt", text) is None
         return
     assert_fast_after_matches(text)
 

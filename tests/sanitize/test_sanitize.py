@@ -35,6 +35,7 @@ from bson.son import SON
 from certyo_dagster.prove.hashing import record_hash
 from certyo_dagster.sanitize.documents import (
     PoisonDocumentError,
+    iso_from_ms,
     iso_utc,
     sanitize_document,
     sanitize_value,
@@ -274,7 +275,12 @@ def test_in_range_datetime_ms_matches_the_datetime_form() -> None:
     for ms in (0, -1, 1767323045678, -62135596800000, 253402300799999, -9_000_000_000_000):
         as_datetime = datetime(1970, 1, 1) + timedelta(milliseconds=ms)
         assert sanitize_value(DatetimeMS(ms)) == sanitize_value(as_datetime)
+        assert iso_from_ms(ms) == sanitize_value(as_datetime)
         assert version_ms(as_datetime) == ms
+    # Outside datetime's years the caller takes the expanded form instead.
+    for ms in (253402300800000, -62135596800001):
+        with pytest.raises(OverflowError):
+            iso_from_ms(ms)
 
 
 # ---------------------------------------------------------------------------------------------
