@@ -88,7 +88,7 @@ class DebeziumPoisonError(ValueError):
         self.doc_id = doc_id
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, like Change
 class SourcePosition:
     """Where a change sits in MongoDB's history, from the envelope's `source` block.
 
@@ -567,7 +567,7 @@ def fast_after(
         return None
     try:
         # Read before the tree is sanitized in place.
-        if _ejson_value(tree["_id"]) != doc_id:
+        if not _same_id(tree["_id"], doc_id):
             return None
         value: Any = tree
         for part in timestamp_field.split("."):
@@ -584,6 +584,14 @@ def fast_after(
         )
     except Exception:  # noqa: BLE001 - the slow path gives the result or the error
         return None
+
+
+def _same_id(value: Any, doc_id: Any) -> bool:
+    """The tree's `_id` is the key's. An ObjectId is compared as its lower-case hex, which
+    costs less than building one; an upper-case `$oid` then takes the slow path."""
+    if type(doc_id) is ObjectId and type(value) is dict and len(value) == 1:
+        return value.get("$oid") == str(doc_id)
+    return _ejson_value(value) == doc_id
 
 
 def _ejson_value(value: Any) -> Any:
