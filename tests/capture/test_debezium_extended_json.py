@@ -381,6 +381,8 @@ def test_catalog_documents_sanitize_on_the_fast_path_exactly_like_the_slow_one(m
         '{"_id": 1, "r": {"$ref": 5, "$id": 5}}',
         '{"_id": 1, "r": {"$id": 5, "$ref": "c", "x": 1}}',
         '{"_id": 1, "o": {"$oid": "65A4F0C2E4B0A1B2C3D4E5F6"}}',
+        '{"_id": {"$oid": "65A4F0C2E4B0A1B2C3D4E5F6"}, "n": 1}',
+        '{"_id": {"$oid": "65a4f0c2e4b0a1b2c3d4e5f6", "x": 1}, "n": 1}',
         '{"_id": 1, "o": {"$oid": "65a4f0c2e4b0a1b2c3d4e5f"}}',
         '{"_id": 1, "d": {"$date": 253402300800000}}',
         '{"_id": 1, "d": {"$date": -62135596800000}}',
