@@ -6,6 +6,7 @@ import enum
 import hashlib
 import math
 import pickle
+import random
 import re
 import uuid
 from collections import OrderedDict
@@ -277,6 +278,11 @@ def test_in_range_datetime_ms_matches_the_datetime_form() -> None:
         assert sanitize_value(DatetimeMS(ms)) == sanitize_value(as_datetime)
         assert iso_from_ms(ms) == sanitize_value(as_datetime)
         assert version_ms(as_datetime) == ms
+    # The cache of days and the digit tables give what the datetime gives, anywhere in range.
+    rng = random.Random(11)
+    first, last = version_ms(datetime.min), version_ms(datetime.max)
+    for ms in [first, last, *(rng.randrange(first, last + 1) for _ in range(5000))]:
+        assert iso_from_ms(ms) == iso_utc(datetime(1970, 1, 1) + timedelta(milliseconds=ms))
     # Outside datetime's years the caller takes the expanded form instead.
     for ms in (253402300800000, -62135596800001):
         with pytest.raises(OverflowError):
