@@ -36,6 +36,7 @@ from bson.json_util import JSONOptions
 
 from certyo_dagster.fields import FIELD_PREFIX as CERTYO_FIELD_PREFIX
 from certyo_dagster.sanitize.documents import (
+    DATETIME_MS,
     DEFAULT_MAX_DEPTH,
     PoisonDocumentError,
     _check_text,
@@ -387,7 +388,8 @@ def _sanitized_decimal(value: Any) -> Any:
 
 
 def _sanitized_date(value: Any) -> Any:
-    return iso_from_ms(value) if type(value) is int else _NOT_HANDLED
+    # json_util builds a datetime: one it cannot build is the slow path's to report.
+    return iso_from_ms(value) if type(value) is int and value in DATETIME_MS else _NOT_HANDLED
 
 
 def _sanitized_long(value: Any) -> Any:
@@ -633,10 +635,6 @@ def parse_key(key: bytes | str | None) -> Any:
     return _ejson(parsed["id"], "the key's id")
 
 
-# The source times a sourceTimestamp can be written for (iso_from_ms).
-_SOURCE_MS = range(version_ms(datetime.min), version_ms(datetime.max) + 1)
-
-
 def _position(source: Any, doc_id: Any) -> SourcePosition:
     if type(source) is not dict:
         raise DebeziumPoisonError(BAD_SOURCE, "the envelope has no source block", doc_id)
@@ -645,7 +643,7 @@ def _position(source: Any, doc_id: Any) -> SourcePosition:
         raise DebeziumPoisonError(
             BAD_SOURCE, "source.ts_ms and source.ord must be integers", doc_id
         )
-    if ts_ms not in _SOURCE_MS:
+    if ts_ms not in DATETIME_MS:  # an oplog time; anything else is not one
         raise DebeziumPoisonError(
             BAD_SOURCE, f"source.ts_ms {ts_ms} is not a time in the years 1-9999", doc_id
         )

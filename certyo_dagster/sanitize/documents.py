@@ -259,25 +259,11 @@ def _civil_from_days(days: int) -> tuple[int, int, int]:
     return yoe + era * 400 + (month <= 2), month, day
 
 
-def _iso_from_ms(ms: int) -> str:
-    """ISO 8601 of any BSON date, with expanded `+YYYYYY`/`-YYYYYY` years outside 0000-9999."""
-    days, ms_of_day = divmod(ms, _MS_PER_DAY)
-    year, month, day = _civil_from_days(days)
-    seconds, millis = divmod(ms_of_day, 1000)
-    minutes, second = divmod(seconds, 60)
-    hour, minute = divmod(minutes, 60)
-    year_text = f"{year:04d}" if 0 <= year <= 9999 else f"{'+' if year > 0 else '-'}{abs(year):06d}"
-    return (
-        f"{year_text}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}"
-        + _UTC_SUFFIX
-    )
-
-
 def iso_from_ms(ms: int) -> str:
-    """`iso_utc` of the BSON date `ms` milliseconds after the epoch, without a datetime for
-    the caller to build. Raises OverflowError outside the years 1-9999, as datetime does.
+    """ISO 8601 of any BSON date (`ms` after the epoch), as `iso_utc` writes a datetime, with
+    expanded `+YYYYYY`/`-YYYYYY` years outside 0000-9999.
 
-    A third of the time of building the datetime: the date part comes from a cache of days,
+    A third of the time of building a datetime: the date part comes from a cache of days,
     the time of day from tables of digits.
     """
     days, ms_of_day = divmod(ms, _MS_PER_DAY)
@@ -291,7 +277,9 @@ def iso_from_ms(ms: int) -> str:
 
 def _day_prefix(days: int) -> str:
     """`YYYY-MM-DDT` of a day since the epoch, kept for the next date of that day."""
-    prefix = (_EPOCH_NAIVE + timedelta(days=days)).date().isoformat() + "T"
+    year, month, day = _civil_from_days(days)
+    year_text = f"{year:04d}" if 0 <= year <= 9999 else f"{'+' if year > 0 else '-'}{abs(year):06d}"
+    prefix = f"{year_text}-{month:02d}-{day:02d}T"
     if len(_DAY_PREFIXES) < _MAX_DAY_PREFIXES:
         _DAY_PREFIXES[days] = prefix
     return prefix
@@ -322,7 +310,7 @@ def iso_utc(ts: datetime) -> str:
     try:
         return (ts.replace(tzinfo=None) - offset).isoformat(timespec="milliseconds") + _UTC_SUFFIX
     except OverflowError:  # e.g. 0001-01-01T00:00+05:00 is in year 0 in UTC
-        return _iso_from_ms(version_ms(ts))
+        return iso_from_ms(version_ms(ts))
 
 
 def version_ms(ts: datetime) -> int:
@@ -332,6 +320,10 @@ def version_ms(ts: datetime) -> int:
     if ts.utcoffset() is None:
         return (ts.replace(tzinfo=None) - _EPOCH_NAIVE) // _ONE_MS
     return (ts - _EPOCH_AWARE) // _ONE_MS
+
+
+# The BSON dates a datetime can hold (the years 1-9999).
+DATETIME_MS = range(version_ms(datetime.min), version_ms(datetime.max) + 1)
 
 
 def _regex(pattern: object, flags: int) -> dict:
@@ -496,7 +488,7 @@ _BY_TYPE: dict[type, Any] = {
     bytes: lambda v, b: _base64(v),
     Binary: lambda v, b: _binary(v),
     uuid.UUID: lambda v, b: str(v),
-    DatetimeMS: lambda v, b: _iso_from_ms(int(v)),
+    DatetimeMS: lambda v, b: iso_from_ms(int(v)),
     Timestamp: lambda v, b: {"$timestamp": {"t": v.time, "i": v.inc}},
     Regex: lambda v, b: _regex(v.pattern, v.flags),
     re.Pattern: lambda v, b: _regex(v.pattern, v.flags),

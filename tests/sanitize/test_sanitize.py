@@ -283,10 +283,12 @@ def test_in_range_datetime_ms_matches_the_datetime_form() -> None:
     first, last = version_ms(datetime.min), version_ms(datetime.max)
     for ms in [first, last, *(rng.randrange(first, last + 1) for _ in range(5000))]:
         assert iso_from_ms(ms) == iso_utc(datetime(1970, 1, 1) + timedelta(milliseconds=ms))
-    # Outside datetime's years the caller takes the expanded form instead.
-    for ms in (253402300800000, -62135596800001):
-        with pytest.raises(OverflowError):
-            iso_from_ms(ms)
+    # Outside datetime's years: the expanded form, from the cache of days as well.
+    for ms, expected in (
+        (253402300800000, "+010000-01-01T00:00:00.000+00:00"),
+        (-62135596800001, "0000-12-31T23:59:59.999+00:00"),
+    ):
+        assert iso_from_ms(ms) == iso_from_ms(ms) == expected
 
 
 # ---------------------------------------------------------------------------------------------
