@@ -28,6 +28,7 @@ broker another machine, so neither takes the client's CPU. `--no-pin` lets them 
 from __future__ import annotations
 
 import cProfile
+import math
 import pstats
 import threading
 import time
@@ -247,6 +248,13 @@ def run_debezium(
 PHASES = ("raw", "limit", "debezium")
 
 
+def _median_sampled(values: list[float]) -> float:
+    """The median of the runs that measured it. NaN marks a figure a run could not sample
+    (RSS at 25 % of the write-backs when they all came in its last sample); NaN if none did."""
+    sampled = [v for v in values if not math.isnan(v)]
+    return median(sampled) if sampled else float("nan")
+
+
 def one_run(
     source: CatalogSource,
     run: int,
@@ -335,13 +343,12 @@ def main() -> None:
         print(f"profile of the debezium phase written to {args.profile}; top by own time:")
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
     medians = {
-        phase: {key: median([r[phase][key] for r in runs]) for key in runs[0][phase]}
+        phase: {key: _median_sampled([r[phase][key] for r in runs]) for key in runs[0][phase]}
         for phase in PHASES
     }
     lower = [min(r["raw"]["per_second"], r["limit"]["per_second"]) for r in runs]
     ratio = median([r["debezium"]["per_second"] / low for r, low in zip(runs, lower, strict=True)])
-    # NaN in a run that wrote back a quarter of its messages only in its last sample.
-    sampled = [g for r in runs if (g := r["debezium"]["rss_growth_mb"]) == g]
+    growth = medians["debezium"]["rss_growth_mb"]
     print(f"medians of {args.repeat} runs:")
     for phase in PHASES:
         m = medians[phase]
@@ -356,10 +363,10 @@ def main() -> None:
         f"read ahead of it ({d['read_ahead_dropped']:,.0f} dropped)"
     )
     print(f"  debezium / lower limit (raw, limit), whole run: {ratio:.2f}  (target >= 0.7)")
-    if sampled:
+    if not math.isnan(growth):
         print(
-            f"  RSS growth from 25 % to 100 % of the messages: {median(sampled):+.1f} MB "
-            f"(median of the {len(sampled)} runs sampled)"
+            f"  RSS growth from 25 % to 100 % of the messages: {growth:+.1f} MB "
+            "(median of the runs that sampled it)"
         )
     else:
         print("  RSS growth: not sampled (every write-back came at the end, after the join)")
