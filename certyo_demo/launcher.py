@@ -195,10 +195,7 @@ class Stack:
         )
 
     def log_tail(self, name: str, lines: int = 30) -> str:
-        path = self.log_dir / f"{name}.log"
-        if not path.exists():
-            return f"(no log at {path})"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return _tail(self.log_dir / f"{name}.log", lines)
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """SIGINT each process group (what Ctrl-C does), then SIGKILL what is left; the
@@ -305,11 +302,19 @@ def _start_local_chain(stack: Stack, log_dir: Path) -> list[str]:
     return [f"--chain-rpc={chain.url}"]
 
 
+def _tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def _wait_healthy(url: str, process: subprocess.Popen, what: str, log: Path, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise LaunchError(f"{what} exited with {process.returncode}; see {log}")
+            raise LaunchError(
+                f"{what} exited with {process.returncode}; the end of {log}:\n{_tail(log, 15)}"
+            )
         with contextlib.suppress(requests.RequestException):
             if requests.get(url, timeout=1).ok:
                 return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,6 +38,13 @@ CHAIN_DIR = Path(__file__).with_name("chain")
 GANACHE_CLI = CHAIN_DIR / "node_modules" / "ganache" / "dist" / "node" / "cli.js"
 LOCAL_CHAIN_ID = 1337
 
+# free_port's own picks: SPAN ports just below the ephemeral range, never below FLOOR.
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PICKED_PORTS_SPAN = 12_000
+_PICKED_PORTS_FLOOR = 1024
+_random = random.Random()
+_handed_out: set[int] = set()
+
 
 class ServerError(RuntimeError):
     """A local server could not be started, with what to do about it."""
@@ -53,12 +61,43 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
 
 
 def free_port(preferred: int | None = None, host: str = LOOPBACK) -> int:
-    """`preferred` when it is free, otherwise a port the OS picks."""
+    """`preferred` when it is free, otherwise a free port below the OS's ephemeral range.
+
+    The OS gives outgoing connections their local port from that range, and such a
+    connection, even one closed and waiting out TIME_WAIT, stops a server from binding the
+    port. A port handed out here stays free until its server binds it, however many
+    connections are made in between, and it is not handed out twice by one process.
+    """
     if preferred is not None and port_is_free(preferred, host):
         return preferred
+    low = _ephemeral_low()
+    if low - _PICKED_PORTS_SPAN >= _PICKED_PORTS_FLOOR:
+        for _ in range(100):
+            port = _random.randrange(low - _PICKED_PORTS_SPAN, low)
+            if port not in _handed_out and _unused(port, host):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the OS may give an outgoing connection (Linux; 32768 elsewhere)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _unused(port: int, host: str) -> bool:
+    """No socket at all holds the port: bound without SO_REUSEADDR, which a TIME_WAIT stops."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def program_path(name: str) -> str:

@@ -451,6 +451,40 @@ def test_a_taken_port_is_named_not_silently_moved() -> None:
     assert notes == [f"port {port} is in use, so the Dagster UI is on port {chosen}"]
 
 
+def test_a_server_that_exits_while_starting_is_shown_with_the_end_of_its_log(
+    tmp_path: Path,
+) -> None:
+    """A sandbox port someone else listens on: the error says why the sandbox exited, and
+    the run folder is released for the next try."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LaunchError) as caught:
+            start_stack(
+                tmp_path / "run",
+                dagster_port=free_port(),
+                sandbox_port=port,
+                mongo_port=free_port(),
+                environ=_base_env(),
+                instance_config=INSTANCE_CONFIG,
+                start_dagster=False,
+            )
+    message = str(caught.value)
+    assert message.startswith("certyo-sandbox exited with 1; the end of ")
+    assert "Address already in use" in message
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_picked_ports_are_ones_no_outgoing_connection_can_take() -> None:
+    """Outgoing connections get their local port from the OS's ephemeral range, and one that
+    took a port picked for a server would stop that server from binding it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picked = [free_port() for _ in range(200)]
+    assert all(1024 <= port < low for port in picked)
+    assert len(set(picked)) == len(picked)  # none handed out twice before it is bound
+
+
 def test_a_run_stops_what_a_killed_run_left_running_in_its_folder(tmp_path: Path) -> None:
     """The launcher SIGKILLed: its SecantusDB, sandbox and churn live on, holding the storage
     and ports. The next run in the folder stops them and starts cleanly."""
