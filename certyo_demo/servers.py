@@ -50,9 +50,12 @@ class ServerError(RuntimeError):
     """A local server could not be started, with what to do about it."""
 
 
-def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+def port_is_free(port: int, host: str = LOOPBACK, *, reuse_address: bool = True) -> bool:
+    """Whether a server could bind the port now. Without `reuse_address`, only if no socket
+    at all holds it: a bind without SO_REUSEADDR fails on a TIME_WAIT too."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -74,7 +77,7 @@ def free_port(preferred: int | None = None, host: str = LOOPBACK) -> int:
     if low - _PICKED_PORTS_SPAN >= _PICKED_PORTS_FLOOR:
         for _ in range(100):
             port = _random.randrange(low - _PICKED_PORTS_SPAN, low)
-            if port not in _handed_out and _unused(port, host):
+            if port not in _handed_out and port_is_free(port, host, reuse_address=False):
                 _handed_out.add(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -88,16 +91,6 @@ def _ephemeral_low() -> int:
         return int(_EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
-
-
-def _unused(port: int, host: str) -> bool:
-    """No socket at all holds the port: bound without SO_REUSEADDR, which a TIME_WAIT stops."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def program_path(name: str) -> str:
